@@ -1,0 +1,98 @@
+"""The experiment config: defaults, validation, and the frozen settings built from it.
+
+Every experiment in `experiments/` starts from `base_config()` and changes values; it may not
+add keys. `validate` rejects unknown keys and wrong types by name, before anything runs.
+"""
+import ml_collections
+
+PROCESSES = ("masked",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key an experiment may set, with its default."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.multi_process = False  # call jax.distributed.initialize() (multi-host pods)
+
+  config.data = ml_collections.ConfigDict(dict(
+      source="embedded",         # 'embedded' | 'text_files' | 'tfds'
+      paths=(),                  # local text files for source='text_files'
+      tfds_name="",              # catalog name for source='tfds'
+      tokenizer="sentencepiece",  # 'char' | 'sentencepiece'
+      vocab_size=1024,           # sentencepiece only
+      seq_len=128,
+      packing="pad",             # 'pad': one document per row; 'pack': concatenate and chunk
+      num_train_docs=50_000,     # embedded corpus only
+      num_eval_docs=1_000,
+      validation_fraction=0.05,  # local text files only
+      seed=0,
+  ))
+
+  config.model = ml_collections.ConfigDict(dict(
+      num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512,
+      time_conditioning=False, dropout_rate=0.0, remat=False, dtype="float32",
+  ))
+
+  config.process = ml_collections.ConfigDict(dict(
+      name="masked", schedule="linear", schedule_eps=1e-3, antithetic_time=True,
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=32,
+      num_steps=2_000,
+      time_limit_minutes=0.0,    # stop (and save) after this much training time; 0 = no limit
+      learning_rate=1e-3,
+      warmup_steps=100,
+      min_learning_rate_ratio=0.1,  # cosine decay ends at learning_rate * this
+      weight_decay=0.01,
+      b1=0.9, b2=0.98,
+      grad_clip_norm=1.0,
+      ema_decay=0.0,             # 0 disables the EMA of parameters
+      log_every=50,
+      eval_every=500,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+  ))
+
+  config.eval = ml_collections.ConfigDict(dict(
+      batch_size=64,
+      elbo_samples=4,            # Monte Carlo draws of t per held-out sequence
+      max_docs=1_000,
+  ))
+
+  config.sample = ml_collections.ConfigDict(dict(
+      num_samples=8, steps=64, strategy="low_confidence", temperature=1.0, block_length=0,
+  ))
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming any key that `base_config()` lacks or whose type differs."""
+  _check_against(config, base_config(), prefix="config")
+  if config.process.name not in PROCESSES:
+    raise ValueError(f"config.process.name={config.process.name!r} is not one of {PROCESSES}")
+
+
+def _check_against(config, reference, prefix: str) -> None:
+  for key, value in config.items():
+    name = f"{prefix}.{key}"
+    if key not in reference:
+      raise ValueError(f"unknown config key {name!r}; known keys here: {sorted(reference.keys())}")
+    expected = reference[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        raise ValueError(f"config key {name!r} must be a group of settings, got {value!r}")
+      _check_against(value, expected, name)
+    elif isinstance(expected, bool) != isinstance(value, bool) or not isinstance(
+        value, _compatible_types(expected)):
+      raise ValueError(f"config key {name!r} must be of type {type(expected).__name__}, got {value!r}")
+
+
+def _compatible_types(expected) -> tuple[type, ...]:
+  if isinstance(expected, float):
+    return (float, int)
+  if isinstance(expected, (tuple, list)):
+    return (tuple, list)
+  return (type(expected),)

@@ -1,0 +1,181 @@
+"""One call from a data config to token rows: texts, tokenizer, layout.
+
+  data = load_data(DataConfig(source="embedded", seq_len=128), workdir)
+  batches = batching.BatchIterator(data.train_rows, batch_size=64, seed=0)
+
+Sources:
+  'embedded':   the project's synthetic restaurant corpus (no files, no network); evaluation texts
+                come with their exact log-probability under the generator.
+  'text_files': local UTF-8 files through the `LocalText` TFDS builder, cached in workdir/tfds.
+  'tfds':       a TFDS catalog dataset by name (`tfds_name`), read from `tfds_data_dir` (default:
+                $TFDS_DATA_DIR or ~/tensorflow_datasets) and downloaded there if missing, which
+                needs network access.
+
+The tokenizer is trained on the training texts only and cached in workdir/tokenizer.
+"""
+import dataclasses
+import os
+
+from absl import logging
+import numpy as np
+
+from ddlm_jax.data import batching
+from ddlm_jax.data import corpus
+from ddlm_jax.data import local_text
+from ddlm_jax.data import tokenizers
+
+SOURCES = ("embedded", "text_files", "tfds")
+PACKINGS = ("pad", "pack")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the text comes from and how it becomes rows.
+
+  Attributes:
+    source: 'embedded', 'text_files' or 'tfds'.
+    paths: local text files for 'text_files' (a single string counts as one path).
+    tfds_name: catalog name for 'tfds', for example 'lm1b' or 'tiny_shakespeare'.
+    tfds_eval_split: the catalog split used for evaluation ('test' for lm1b).
+    tfds_data_dir: TFDS data directory for 'tfds'; empty for TFDS's default.
+    unit: how files and catalog texts are cut into documents: 'paragraph' or 'line'.
+    tokenizer: 'char' or 'sentencepiece'.
+    vocab_size: sentencepiece vocabulary size, special tokens included (unused by 'char').
+    seq_len: tokens per row, L.
+    packing: 'pad' (one document per row) or 'pack' (documents concatenated and cut).
+    num_train_docs: documents sampled ('embedded') or read at most ('text_files', 'tfds').
+    num_eval_docs: the same, for evaluation.
+    validation_fraction: share of local documents held out for evaluation ('text_files').
+    seed: seeds the embedded corpus's samples.
+  """
+  source: str = "embedded"
+  paths: tuple[str, ...] = ()
+  tfds_name: str = ""
+  tfds_eval_split: str = "validation"
+  tfds_data_dir: str = ""
+  unit: str = "paragraph"
+  tokenizer: str = "sentencepiece"
+  vocab_size: int = 1024
+  seq_len: int = 128
+  packing: str = "pad"
+  num_train_docs: int = 50_000
+  num_eval_docs: int = 1_000
+  validation_fraction: float = 0.05
+  seed: int = 0
+
+  def __post_init__(self):
+    paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+    object.__setattr__(self, "paths", paths)  # Hashable, whatever sequence was given.
+    for field, allowed in (("source", SOURCES), ("tokenizer", tokenizers.KINDS),
+                           ("packing", PACKINGS), ("unit", local_text.UNITS)):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"DataConfig.{field} is {getattr(self, field)!r}; expected one of "
+                         f"{allowed}")
+    for field in ("vocab_size", "num_train_docs", "num_eval_docs"):
+      if getattr(self, field) <= 0:
+        raise ValueError(f"DataConfig.{field} must be positive, got {getattr(self, field)}")
+    if self.seq_len < 2:
+      raise ValueError(f"DataConfig.seq_len must be at least 2, got {self.seq_len}")
+    if not 0 < self.validation_fraction < 1:
+      raise ValueError(f"DataConfig.validation_fraction must be in (0, 1), got "
+                       f"{self.validation_fraction}")
+    if self.source == "text_files" and not self.paths:
+      raise ValueError("DataConfig.paths must name at least one file for source='text_files'")
+    if self.source == "tfds" and not self.tfds_name:
+      raise ValueError("DataConfig.tfds_name must be set for source='tfds'")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DataBundle:
+  """Everything training and evaluation need from the data.
+
+  Attributes:
+    tokenizer: trained on the training texts.
+    train_rows: int32[N, L].
+    eval_rows: int32[M, L].
+    eval_texts: the evaluation documents; row i holds text i in 'pad' mode.
+    eval_log_probs: float64[M], exact natural-log p(text) of each evaluation row's text under
+      the generator (NaN where the row was cut short): embedded corpus in 'pad' mode only, else None.
+    eval_num_tokens: int32[M], text tokens in each evaluation row (EOS and PAD excluded).
+    num_truncated: documents, training and evaluation, cut short to fit a row ('pad' mode).
+  """
+  tokenizer: tokenizers.Tokenizer
+  train_rows: np.ndarray
+  eval_rows: np.ndarray
+  eval_texts: tuple[str, ...]
+  eval_log_probs: np.ndarray | None
+  eval_num_tokens: np.ndarray
+  num_truncated: int
+
+
+def load_data(config: DataConfig, workdir: str) -> DataBundle:
+  """Reads the texts, builds (or loads) the tokenizer and lays the documents out in rows."""
+  train_texts, eval_texts, eval_log_probs = _load_texts(config, workdir)
+  tokenizer = tokenizers.build_tokenizer(config.tokenizer, train_texts,
+                                         os.path.join(workdir, "tokenizer"), config.vocab_size)
+  train_docs = [tokenizer.encode(text) for text in train_texts]
+  eval_docs = [tokenizer.encode(text) for text in eval_texts]
+  if config.packing == "pad":
+    num_eval_truncated = batching.count_truncated(eval_docs, config.seq_len)
+    num_truncated = batching.count_truncated(train_docs, config.seq_len) + num_eval_truncated
+    if num_eval_truncated:
+      logging.warning("%d of %d evaluation documents are longer than seq_len=%d and were cut; "
+                      "their rows do not hold the whole text and have no exact log-probability",
+                      num_eval_truncated, len(eval_docs), config.seq_len)
+    if eval_log_probs is not None:
+      cut = np.array([len(doc) > config.seq_len - 1 for doc in eval_docs], bool)
+      eval_log_probs = np.where(cut, np.nan, eval_log_probs)
+  else:
+    eval_log_probs, num_truncated = None, 0
+  eval_rows = _rows(eval_docs, config, tokenizer)
+  eval_num_tokens = np.sum((eval_rows != tokenizer.eos_id) & (eval_rows != tokenizer.pad_id),
+                           axis=1, dtype=np.int32)
+  return DataBundle(tokenizer=tokenizer, train_rows=_rows(train_docs, config, tokenizer),
+                    eval_rows=eval_rows, eval_texts=tuple(eval_texts),
+                    eval_log_probs=eval_log_probs, eval_num_tokens=eval_num_tokens,
+                    num_truncated=num_truncated)
+
+
+def _rows(docs: list[list[int]], config: DataConfig,
+          tokenizer: tokenizers.Tokenizer) -> np.ndarray:
+  """int32[N, L] rows of tokenized documents in the config's layout."""
+  if config.packing == "pad":
+    return batching.pad_documents(docs, config.seq_len, eos_id=tokenizer.eos_id,
+                                  pad_id=tokenizer.pad_id)
+  return batching.pack_documents(docs, config.seq_len, eos_id=tokenizer.eos_id)
+
+
+def _load_texts(config: DataConfig,
+                workdir: str) -> tuple[list[str], list[str], np.ndarray | None]:
+  """Training texts, evaluation texts and, for the embedded corpus, their exact log-probs."""
+  if config.source == "embedded":
+    generator = corpus.default_corpus()
+    train = generator.sample(config.num_train_docs, corpus.split_seed("train", config.seed))
+    evaluation = generator.sample(config.num_eval_docs,
+                                  corpus.split_seed("validation", config.seed))
+    return ([doc.text for doc in train], [doc.text for doc in evaluation],
+            np.array([doc.log_prob for doc in evaluation], np.float64))
+  if config.source == "text_files":
+    settings = dict(data_dir=os.path.join(workdir, "tfds"), unit=config.unit,
+                    validation_fraction=config.validation_fraction)
+    return (local_text.load_local_texts(config.paths, split="train",
+                                        max_texts=config.num_train_docs, **settings),
+            local_text.load_local_texts(config.paths, split="validation",
+                                        max_texts=config.num_eval_docs, **settings),
+            None)
+  return (_catalog_documents(config, "train", config.num_train_docs),
+          _catalog_documents(config, config.tfds_eval_split, config.num_eval_docs),
+          None)
+
+
+def _catalog_documents(config: DataConfig, split: str, limit: int) -> list[str]:
+  """The first `limit` documents of a catalog split, each example cut into `config.unit`s.
+
+  Cutting matters for datasets that store a whole corpus in one example (tiny_shakespeare).
+  """
+  documents = []
+  for text in local_text.load_catalog_texts(config.tfds_name, split,
+                                            data_dir=config.tfds_data_dir or None,
+                                            max_texts=limit):
+    documents += local_text.split_documents(text, config.unit)
+  return documents[:limit]

@@ -1,0 +1,50 @@
+"""Launcher: flags only. Everything else is in train.train_and_evaluate and pipeline.load.
+
+  python -m ddlm_jax.main --config=experiments/mdlm_tiny.py --workdir=/tmp/run \
+      [--config.model.num_layers=2] [--mode=train|eval|sample] [--prompt="The Golden"]
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from ddlm_jax import pipeline
+from ddlm_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer, data and logs.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
+                          "train: train or resume, then evaluate and sample; eval: held-out ELBO of "
+                          "the latest checkpoint; sample: print samples from it.")
+_PROMPTS = flags.DEFINE_multi_string("prompt", None, "Prompt(s) for --mode=sample.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if _MODE.value == "train":
+    summary = train.train_and_evaluate(config, workdir)
+    if "stopped" in summary:
+      return
+  model = pipeline.load(workdir)
+  if _MODE.value == "eval":
+    result = model.evaluate(workdir)
+    summary = result.summary()
+    print(result.describe())
+  if _MODE.value in ("train", "sample"):
+    sample = config.sample
+    texts = model.generate(_PROMPTS.value, num_samples=sample.num_samples, steps=sample.steps,
+                           strategy=sample.strategy, temperature=sample.temperature,
+                           block_length=sample.block_length, seed=config.seed)
+    print("samples:\n" + "\n".join(f"  {i}. {text}" for i, text in enumerate(texts)))
+    summary = {**summary, "samples": texts} if _MODE.value == "train" else {"samples": texts}
+  with open(os.path.join(workdir, f"{_MODE.value}_summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,146 @@
+"""The user-facing model: `ddlm_jax.load(workdir)` -> Pipeline with generate() and score()."""
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ddlm_jax import checkpoint
+from ddlm_jax import evaluate
+from ddlm_jax import samplers
+from ddlm_jax import sharding
+from ddlm_jax import train
+from ddlm_jax.data import batching
+from ddlm_jax.data import datasets
+from ddlm_jax.data import tokenizers
+from ddlm_jax.processes import masked
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A trained model with its tokenizer and process.
+
+  Attributes:
+    graphdef, params: the network (`nnx.merge(graphdef, params)`).
+    tokenizer: the run's tokenizer.
+    process: the diffusion process the network was trained under.
+    seq_len: the canvas length the network was trained on (its max_len).
+    config: the experiment config.
+  """
+  graphdef: nnx.GraphDef
+  params: Any
+  tokenizer: tokenizers.Tokenizer
+  process: masked.MaskedDiffusion
+  seq_len: int
+  config: ml_collections.ConfigDict
+
+  def __post_init__(self):
+    self._nelbo_fn = train.make_nelbo_fn(self.graphdef, self.process)
+    self._samplers = {}
+
+  def _sampler(self, sampler_config: samplers.SamplerConfig):
+    """The jitted sampler of one configuration (compiled once per batch and length)."""
+    if sampler_config in self._samplers:
+      return self._samplers[sampler_config]
+
+    def run(params, fixed_tokens_BL, fixed_BL, key, row_ids_B):
+      return samplers.sample(train.bind(self.graphdef, params), self.process, sampler_config,
+                             fixed_tokens_BL, fixed_BL, key, row_ids_B,
+                             eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+    self._samplers[sampler_config] = jax.jit(run)
+    return self._samplers[sampler_config]
+
+  def generate(self, prompts: Sequence[str] | None = None, *, num_samples: int | None = None,
+               length: int | None = None, steps: int = 64, strategy: str = "low_confidence",
+               temperature: float = 1.0, block_length: int = 0, seed: int = 0,
+               batch_size: int = 64) -> list[str]:
+    """Samples texts, unconditionally or continuing each prompt.
+
+    Args:
+      prompts: texts whose tokens are fixed at the start of the canvas; None samples
+        `num_samples` texts from scratch.
+      num_samples: number of unconditional samples (default: the config's sample.num_samples).
+      length: canvas length in tokens, prompt included (default and maximum: the training length).
+      steps, strategy, temperature, block_length: sampler settings (see `samplers.SamplerConfig`).
+      seed: the i-th text's randomness depends only on (seed, i), not on the batch it lands in.
+      batch_size: rows per sampler call.
+
+    Returns:
+      The decoded texts (prompt included), up to their first [EOS].
+    """
+    length = self.seq_len if length is None else length
+    if not 1 <= length <= self.seq_len:
+      raise ValueError(f"length must lie in [1, {self.seq_len}] (the model's training length), got {length}")
+    if prompts is None:
+      prompts = [""] * (self.config.sample.num_samples if num_samples is None else num_samples)
+    sampler_config = samplers.SamplerConfig(steps=steps, strategy=strategy, temperature=temperature,
+                                            block_length=block_length)
+    fixed_tokens_NL, fixed_NL = self._prompt_canvas(prompts, length)
+    run = self._sampler(sampler_config)
+    key = jax.random.key(seed)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+      rows = np.arange(start, min(start + batch_size, len(prompts)))
+      padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+      tokens_BL = run(self.params, fixed_tokens_NL[padded], fixed_NL[padded], key, jnp.asarray(padded))
+      texts += [self.tokenizer.decode(row) for row in np.asarray(tokens_BL)[:len(rows)].tolist()]
+    return texts
+
+  def _prompt_canvas(self, prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fixed tokens int32[N, L], fixed bool[N, L]) with each prompt at the start of its row."""
+    tokens_NL = np.full((len(prompts), length), self.tokenizer.pad_id, np.int32)
+    fixed_NL = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+      ids = self.tokenizer.encode(prompt)
+      if len(ids) >= length:
+        raise ValueError(f"prompt {row} has {len(ids)} tokens but the canvas holds {length}; "
+                         "shorten the prompt or raise `length`")
+      tokens_NL[row, :len(ids)] = ids
+      fixed_NL[row, :len(ids)] = True
+    return tokens_NL, fixed_NL
+
+  def score(self, texts: Sequence[str], *, num_samples: int = 16, seed: int = 0,
+            batch_size: int = 64) -> evaluate.ElboResult:
+    """ELBO bound of each text in bits (`bits_per_sequence`) and over all (`bits_per_token`)."""
+    encoded = [self.tokenizer.encode(text) for text in texts]
+    too_long = [i for i, ids in enumerate(encoded) if len(ids) >= self.seq_len]
+    if too_long:
+      raise ValueError(f"texts {too_long} have >= {self.seq_len} tokens, more than the model's canvas "
+                       "holds with its [EOS]")
+    rows_NL = batching.pad_documents(encoded, self.seq_len, eos_id=self.tokenizer.eos_id,
+                                     pad_id=self.tokenizer.pad_id)
+    return evaluate.elbo(self._nelbo_fn, self.params, rows_NL, np.array([len(ids) for ids in encoded]),
+                         num_samples=num_samples, batch_size=batch_size, seed=seed)
+
+
+  def evaluate(self, workdir: str, num_samples: int | None = None, seed: int = 0) -> evaluate.ElboResult:
+    """Held-out ELBO on the eval split of the run's data (with the generator's NLL where known)."""
+    data = datasets.load_data(train.data_config(self.config), workdir)
+    eval_config = self.config.eval
+    return evaluate.held_out_elbo(self._nelbo_fn, self.params, data,
+                                  num_samples=num_samples or eval_config.elbo_samples,
+                                  batch_size=eval_config.batch_size, max_rows=eval_config.max_docs, seed=seed)
+
+
+def load(workdir: str, step: int | None = None, use_ema: bool = True) -> Pipeline:
+  """The model saved in `workdir` (its latest checkpoint unless `step` is given)."""
+  manager = checkpoint.make_manager(workdir, read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
+  saved = checkpoint.read_json_items(manager, step)
+  config = ml_collections.ConfigDict(saved["config"])
+  tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
+  experiment = train.make_experiment(config, tokenizer.vocab_size, tokenizer.mask_id)
+  checkpoint.check_model_settings(saved["model"], dataclasses.asdict(experiment.model), workdir)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+  optimizer = train.make_optimizer(config.train)
+  graphdef, abstract_state, _ = train.abstract_state(experiment, config, mesh, optimizer)
+  state = checkpoint.restore_state(manager, step, abstract_state)
+  params = state.ema_params if use_ema and state.ema_params is not None else state.params
+  return Pipeline(graphdef=graphdef, params=params, tokenizer=tokenizer, process=experiment.process,
+                  seq_len=experiment.data.seq_len, config=config)

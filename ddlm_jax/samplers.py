@@ -1,0 +1,194 @@
+"""Reverse processes as one `lax.scan` kernel over a fixed step grid.
+
+Strategies for the masked process:
+  'ancestral'       MDLM's exact reverse step: a masked token is revealed between t and s < t
+                    with probability (alpha_s - alpha_t) / (1 - alpha_t), drawn from p(x_0 | x_t).
+  'random'          LLaDA: a scheduled number k of masked positions is revealed per step, chosen at random.
+  'low_confidence'  LLaDA: the k masked positions whose sampled token the model is most sure of are revealed.
+The k-strategies reveal the free positions of each block evenly over the block's steps; with
+`block_length > 0` blocks are generated left to right (semi-autoregressive, LLaDA sec. 2.4).
+
+Fixed positions (prompts, infilling constraints, padding) are never changed. Randomness is per
+row: row r at step i uses fold_in(fold_in(key, row_ids[r]), i), so a row's sample does not depend
+on the batch it was drawn in. Tokens are sampled by inverse CDF with one uniform per position
+instead of V Gumbel draws per position.
+"""
+import dataclasses
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ddlm_jax.processes import masked
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+STRATEGIES = ("ancestral", "random", "low_confidence")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Settings of the reverse process (static under jit).
+
+  Attributes:
+    steps: number of reverse steps (network evaluations).
+    strategy: one of STRATEGIES.
+    temperature: softmax temperature of the token draws; 0 takes the argmax.
+    block_length: free positions per semi-autoregressive block; 0 = one block.
+      The canvas of length L holds ceil(L / block_length) blocks and `steps` must be a multiple of that.
+    record_trajectory: also return the canvas after every step.
+  """
+  steps: int = 64
+  strategy: str = "low_confidence"
+  temperature: float = 1.0
+  block_length: int = 0
+  record_trajectory: bool = False
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f"sampler strategy {self.strategy!r} is not one of {STRATEGIES}")
+    if self.temperature < 0:
+      raise ValueError(f"sampler temperature must be >= 0, got {self.temperature}")
+    if self.block_length < 0:
+      raise ValueError(f"sampler block_length must be >= 0, got {self.block_length}")
+    if self.block_length and self.strategy == "ancestral":
+      raise ValueError("block_length needs strategy 'random' or 'low_confidence'")
+
+  def num_blocks(self, length: int) -> int:
+    if not self.block_length:
+      return 1
+    num_blocks = -(-length // self.block_length)
+    if self.steps % num_blocks:
+      raise ValueError(f"steps={self.steps} is not a multiple of the {num_blocks} blocks of "
+                       f"length {self.block_length} in a canvas of {length}")
+    return num_blocks
+
+
+@flax.struct.dataclass
+class SamplingPlan:
+  """What stays fixed over a sampling run.
+
+  Attributes:
+    fixed_BL: bool[B, L], positions that are never changed.
+    block_BL: int32[B, L], semi-autoregressive block of each free position (-1 if fixed).
+    reveal_counts_BS: int32[B, steps], tokens revealed per row and step (k-strategies).
+    row_keys_B: per-row PRNG keys.
+  """
+  fixed_BL: jax.Array
+  block_BL: jax.Array
+  reveal_counts_BS: jax.Array
+  row_keys_B: jax.Array
+
+
+def make_plan(config: SamplerConfig, fixed_BL: jax.Array, key: jax.Array,
+              row_ids_B: jax.Array) -> SamplingPlan:
+  """Blocks of free positions and the per-step reveal counts of each row."""
+  length = fixed_BL.shape[1]
+  num_blocks = config.num_blocks(length)
+  steps_per_block = config.steps // num_blocks
+  free_BL = ~fixed_BL
+  free_rank_BL = jnp.cumsum(free_BL, axis=1) - 1
+  block_BL = jnp.where(free_BL, free_rank_BL // (config.block_length or length), -1)
+  block_sizes_BK = (block_BL[:, :, None] == jnp.arange(num_blocks)).sum(axis=1)
+  base_BK, extra_BK = block_sizes_BK // steps_per_block, block_sizes_BK % steps_per_block
+  step_in_block_S = jnp.arange(config.steps) % steps_per_block
+  block_of_step_S = jnp.arange(config.steps) // steps_per_block
+  reveal_counts_BS = base_BK[:, block_of_step_S] + (step_in_block_S < extra_BK[:, block_of_step_S])
+  row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids_B)
+  return SamplingPlan(fixed_BL=fixed_BL, block_BL=block_BL,
+                      reveal_counts_BS=reveal_counts_BS.astype(jnp.int32), row_keys_B=row_keys_B)
+
+
+def draw_tokens(log_probs_BLV: jax.Array, uniforms_BL: jax.Array, temperature: float) -> jax.Array:
+  """x_0 candidates: argmax at temperature 0, else an inverse-CDF draw from softmax(log_probs / T)."""
+  if temperature == 0:
+    return jnp.argmax(log_probs_BLV, axis=-1).astype(jnp.int32)
+  probs_BLV = jax.nn.softmax(log_probs_BLV / temperature, axis=-1)
+  cdf_BLV = jnp.cumsum(probs_BLV, axis=-1)
+  below_BL = (cdf_BLV < uniforms_BL[..., None] * cdf_BLV[..., -1:]).sum(axis=-1)
+  return jnp.minimum(below_BL, log_probs_BLV.shape[-1] - 1).astype(jnp.int32)
+
+
+def top_k_mask(scores_BL: jax.Array, k_B: jax.Array) -> jax.Array:
+  """bool[B, L]: the k_B[b] highest-scoring positions of each row (ties broken by position)."""
+  order_BL = jnp.argsort(-scores_BL, axis=1, stable=True)
+  rank_BL = jnp.argsort(order_BL, axis=1)
+  return rank_BL < k_B[:, None]
+
+
+def step_times(config: SamplerConfig, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(t, s): the step moves the canvas from time t to time s = t - 1/steps."""
+  return 1.0 - step / config.steps, 1.0 - (step + 1) / config.steps
+
+
+def sampler_step(model_fn: ModelFn, process: masked.MaskedDiffusion, config: SamplerConfig,
+                 plan: SamplingPlan, canvas_BL: jax.Array, step: jax.Array) -> jax.Array:
+  """One reverse step of the masked process: canvas at time t -> canvas at time s."""
+  batch_size, length = canvas_BL.shape
+  t, s = step_times(config, step)
+  step_keys_B = jax.vmap(lambda row_key: jax.random.fold_in(row_key, step))(plan.row_keys_B)
+  uniforms_B2L = jax.vmap(lambda k: jax.random.uniform(k, (2, length)))(step_keys_B)
+  token_u_BL, choice_u_BL = uniforms_B2L[:, 0], uniforms_B2L[:, 1]
+
+  log_probs_BLV = masked.x0_log_probs(process, model_fn(canvas_BL, jnp.full((batch_size,), t)))
+  candidates_BL = draw_tokens(log_probs_BLV, token_u_BL, config.temperature)
+  masked_BL = (canvas_BL == process.mask_id) & ~plan.fixed_BL
+
+  if config.strategy == "ancestral":
+    reveal_BL = masked_BL & (choice_u_BL < masked.unmask_prob(process, t, s))
+  else:
+    steps_per_block = config.steps // config.num_blocks(length)
+    active_BL = masked_BL & (plan.block_BL == step // steps_per_block)
+    if config.strategy == "random":
+      scores_BL = choice_u_BL
+    else:
+      scores_BL = jnp.take_along_axis(log_probs_BLV, candidates_BL[..., None], axis=-1)[..., 0]
+    scores_BL = jnp.where(active_BL, scores_BL, -jnp.inf)
+    reveal_BL = active_BL & top_k_mask(scores_BL, plan.reveal_counts_BS[:, step])
+  return jnp.where(reveal_BL, candidates_BL, canvas_BL)
+
+
+def pad_after_eos(tokens_BL: jax.Array, fixed_BL: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
+  """Replaces every free position after a row's first [EOS] by [PAD]."""
+  is_eos_BL = tokens_BL == eos_id
+  after_eos_BL = (jnp.cumsum(is_eos_BL, axis=1) - is_eos_BL) > 0
+  return jnp.where(after_eos_BL & ~fixed_BL, pad_id, tokens_BL)
+
+
+def sample(model_fn: ModelFn, process: masked.MaskedDiffusion, config: SamplerConfig,
+           fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array,
+           row_ids_B: jax.Array | None = None, eos_id: int | None = None,
+           pad_id: int | None = None):
+  """Runs the reverse process from the prior to a clean canvas.
+
+  Args:
+    model_fn: (x_t int32[B, L], t float32[B]) -> logits float32[B, L, V].
+    process: the masked process.
+    config: sampler settings.
+    fixed_tokens_BL: int32[B, L], tokens at fixed positions (ignored elsewhere).
+    fixed_BL: bool[B, L], positions that are never changed (prompt, constraints, padding).
+    key: PRNG key.
+    row_ids_B: int32[B] identities of the rows for their randomness; defaults to 0..B-1.
+    eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD].
+
+  Returns:
+    tokens int32[B, L]; with `config.record_trajectory`, also the canvases int32[steps, B, L].
+  """
+  batch_size = fixed_BL.shape[0]
+  if row_ids_B is None:
+    row_ids_B = jnp.arange(batch_size)
+  plan = make_plan(config, fixed_BL, key, row_ids_B)
+  prior_keys_B = jax.vmap(lambda row_key: jax.random.fold_in(row_key, config.steps))(plan.row_keys_B)
+  canvas_BL = jax.vmap(lambda tokens_L, fixed_L, row_key: masked.initial_canvas(
+      process, tokens_L[None], fixed_L[None], row_key)[0])(fixed_tokens_BL, fixed_BL, prior_keys_B)
+
+  def body(canvas_BL, step):
+    canvas_BL = sampler_step(model_fn, process, config, plan, canvas_BL, step)
+    return canvas_BL, canvas_BL if config.record_trajectory else None
+
+  tokens_BL, trajectory_SBL = jax.lax.scan(body, canvas_BL, jnp.arange(config.steps))
+  if eos_id is not None:
+    tokens_BL = pad_after_eos(tokens_BL, fixed_BL, eos_id, pad_id)
+  return (tokens_BL, trajectory_SBL) if config.record_trajectory else tokens_BL

@@ -1,0 +1,273 @@
+"""Training: the pure jitted train step and the loop that runs an experiment in a workdir.
+
+  state, metrics = train_step(state, batch_BL, key)
+
+is one jitted function with in/out shardings and a donated state. `train_and_evaluate(config,
+workdir)` builds data, mesh, model and optimizer from the config, resumes from the workdir's
+latest checkpoint if there is one, trains with a progress bar, logs to TensorBoard, checkpoints
+(also on SIGTERM), and ends with a held-out evaluation and a few samples.
+"""
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import tensorboardX
+import tqdm
+from flax import nnx
+
+from ddlm_jax import checkpoint
+from ddlm_jax import config as config_lib
+from ddlm_jax import evaluate
+from ddlm_jax import schedules
+from ddlm_jax import sharding
+from ddlm_jax.data import datasets
+from ddlm_jax.data import batching
+from ddlm_jax.networks import transformer
+from ddlm_jax.processes import masked
+
+
+# The network's vocabulary is padded to a multiple of this so that it splits over any tensor axis;
+# the process ignores the extra logits.
+VOCAB_MULTIPLE = 128
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (a pytree; saved whole in checkpoints)."""
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  ema_params: nnx.State | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """The frozen settings of one run, built from its config."""
+  data: datasets.DataConfig
+  model: transformer.TransformerConfig
+  process: masked.MaskedDiffusion
+  mesh: sharding.MeshConfig
+
+
+def data_config(config: ml_collections.ConfigDict) -> datasets.DataConfig:
+  return datasets.DataConfig(**{**config.data.to_dict(), "paths": tuple(config.data.paths)})
+
+
+def make_experiment(config: ml_collections.ConfigDict, vocab_size: int, mask_id: int) -> Experiment:
+  """Frozen settings from a validated config and the tokenizer's vocabulary."""
+  data = data_config(config)
+  padded_vocab_size = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  model = transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=data.seq_len,
+                                        **config.model.to_dict())
+  schedule = schedules.Schedule(config.process.schedule, config.process.schedule_eps)
+  process = masked.MaskedDiffusion(vocab_size=vocab_size, mask_id=mask_id, schedule=schedule,
+                                   antithetic_time=config.process.antithetic_time)
+  return Experiment(data=data, model=model, process=process, mesh=sharding.MeshConfig(**config.mesh.to_dict()))
+
+
+def bind(graphdef: nnx.GraphDef, params: nnx.State, dropout_key: jax.Array | None = None) -> Callable:
+  """model_fn(x_t_BL, t_B) -> logits_BLV of the network with these parameters."""
+  model = nnx.merge(graphdef, params)
+  return lambda xt_BL, t_B: model(xt_BL, t_B, dropout_key=dropout_key)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, cosine decay and global-norm gradient clipping."""
+  learning_rate = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+      decay_steps=max(train.num_steps, train.warmup_steps + 1),
+      end_value=train.learning_rate * train.min_learning_rate_ratio)
+  return optax.chain(
+      optax.clip_by_global_norm(train.grad_clip_norm),
+      optax.adamw(learning_rate, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay))
+
+
+def train_step(state: TrainState, batch_BL: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef,
+               optimizer: optax.GradientTransformation, process: masked.MaskedDiffusion,
+               ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the NELBO of a batch; the key is folded with the step inside."""
+  step_key = jax.random.fold_in(key, state.step)
+  loss_key, dropout_key = jax.random.split(step_key)
+
+  def loss_fn(params):
+    return masked.loss(process, bind(graphdef, params, dropout_key), batch_BL, loss_key)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params)
+  metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
+
+
+def abstract_state(experiment: Experiment, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """(graphdef, abstract state of ShapeDtypeStructs, shardings) without allocating anything."""
+  graphdef, params = sharding.abstract_model(experiment.model)
+  param_shardings = sharding.state_shardings(params, mesh, sharding.DEFAULT_RULES)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                     opt_state=jax.eval_shape(optimizer.init, params),
+                     ema_params=params if config.train.ema_decay > 0 else None)
+  shardings = state_shardings(state, mesh, param_shardings)
+  return graphdef, abstract(state, shardings), shardings
+
+
+def init_state(experiment: Experiment, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """(graphdef, a fresh train state created in its sharded layout, shardings)."""
+  graphdef, _, shardings = abstract_state(experiment, config, mesh, optimizer)
+  _, params = sharding.create_sharded_model(experiment.model, mesh, sharding.DEFAULT_RULES, config.seed)
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+  ema_params = jax.tree.map(jnp.copy, params) if config.train.ema_decay > 0 else None
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+                     opt_state=opt_state, ema_params=ema_params)
+  return graphdef, state, shardings
+
+
+def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, param_shardings) -> TrainState:
+  """Params and EMA keep the rules' shardings; optimizer moments (subtrees shaped like the
+  params, e.g. Adam's mu and nu) take the params' shardings, and scalars are replicated."""
+  params_structure = jax.tree.structure(state.params)
+  is_params_like = lambda tree: jax.tree.structure(tree) == params_structure
+  opt_shardings = jax.tree.map(
+      lambda tree: param_shardings if is_params_like(tree) else sharding.replicated(mesh),
+      state.opt_state, is_leaf=is_params_like)
+  return TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings,
+                    ema_params=None if state.ema_params is None else param_shardings)
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class _StopRequest:
+  """Set by SIGTERM: the loop saves a checkpoint and returns."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the experiment in `workdir`, then evaluates and samples.
+
+  Returns:
+    A summary: final step, held-out bits per token with its standard error, the generator's
+    exact bits per token on the same documents (embedded corpus), tokens/s and samples.
+  """
+  config_lib.validate(config)
+  sharding.init_distributed(config.multi_process)
+  os.makedirs(workdir, exist_ok=True)
+  train_cfg = config.train
+  data = datasets.load_data(data_config(config), workdir)
+  tokenizer = data.tokenizer
+  experiment = make_experiment(config, tokenizer.vocab_size, tokenizer.mask_id)
+  mesh = sharding.make_mesh(experiment.mesh)
+  optimizer = make_optimizer(train_cfg)
+  model_settings = dataclasses.asdict(experiment.model)
+
+  manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
+  latest = manager.latest_step()
+  batches = batching.BatchIterator(data.train_rows, train_cfg.batch_size, seed=config.seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+  if latest is not None:
+    saved = checkpoint.read_json_items(manager, latest)
+    checkpoint.check_model_settings(saved["model"], model_settings, workdir)
+
+  graphdef, state, shardings = init_state(experiment, config, mesh, optimizer)
+  if latest is not None:
+    state = checkpoint.restore_state(manager, latest, abstract(state, shardings))
+    batches.set_state(saved["data"])
+    print(f"Resumed from step {latest} in {workdir}", flush=True)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, process=experiment.process,
+                        ema_decay=train_cfg.ema_decay),
+      in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  key = jax.random.key(config.seed)
+  nelbo_fn = make_nelbo_fn(graphdef, experiment.process)
+  evaluate_params = functools.partial(
+      evaluate.held_out_elbo, nelbo_fn, data=data, num_samples=config.eval.elbo_samples,
+      batch_size=config.eval.batch_size, max_rows=config.eval.max_docs, seed=config.seed,
+      batch_sharding=batch_sharding)
+
+  def save(step):
+    checkpoint.save(manager, step, state, batches.get_state(), model_settings, config.to_dict())
+
+  stop = _StopRequest()
+  previous_handler = signal.signal(signal.SIGTERM, stop)
+  writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
+  start_step = int(state.step)
+  tokens_per_step = train_cfg.batch_size * experiment.data.seq_len
+  tokens_per_second = 0.0
+  started = time.perf_counter()
+  window_start, window_step = started, start_step
+  progress = tqdm.tqdm(total=train_cfg.num_steps, initial=start_step, desc="train", unit="step",
+                       disable=jax.process_index() != 0, dynamic_ncols=True)
+  try:
+    for step in range(start_step, train_cfg.num_steps):
+      batch_BL = jax.make_array_from_process_local_data(batch_sharding, next(batches))
+      state, metrics = step_fn(state, batch_BL, key)
+      progress.update(1)
+      done = step + 1
+      out_of_time = (train_cfg.time_limit_minutes > 0 and
+                     time.perf_counter() - started > 60 * train_cfg.time_limit_minutes)
+      if done % train_cfg.log_every == 0 or done == train_cfg.num_steps:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        tokens_per_second = (done - window_step) * tokens_per_step / (now - window_start)
+        window_start, window_step = now, done
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+        if writer:
+          for name, value in {**metrics, "tokens_per_second": tokens_per_second}.items():
+            writer.add_scalar(f"train/{name}", float(value), done)
+        if not all(map(lambda v: bool(jnp.isfinite(v)), metrics.values())):
+          raise FloatingPointError(f"training diverged at step {done}: {metrics}; the last good "
+                                   f"checkpoint (step {manager.latest_step()}) is kept")
+      if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
+        result = evaluate_params(state.params)
+        progress.write(f"step {done}: held-out {result.bits_per_token:.3f} ± {result.stderr:.3f} bits/token")
+        if writer:
+          writer.add_scalar("eval/bits_per_token", result.bits_per_token, done)
+      if done % train_cfg.checkpoint_every == 0 or stop.requested or out_of_time:
+        save(done)
+      if stop.requested or out_of_time:
+        progress.write(f"stopping at step {done} ({'SIGTERM' if stop.requested else 'time limit'})")
+        break
+    final_step = int(state.step)
+    if manager.latest_step() != final_step:
+      save(final_step)
+  finally:
+    progress.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+    if writer:
+      writer.close()
+  if stop.requested:
+    return {"step": final_step, "stopped": "SIGTERM"}
+
+  eval_params = state.params if state.ema_params is None else state.ema_params
+  result = evaluate_params(eval_params)
+  if jax.process_index() == 0:
+    print(result.describe(), flush=True)
+  summary = {"step": final_step, "tokens_per_second": tokens_per_second, **result.summary()}
+  return summary
+
+
+def make_nelbo_fn(graphdef: nnx.GraphDef, process: masked.MaskedDiffusion) -> evaluate.NelboFn:
+  """Jitted (params, rows_BL, key) -> NELBO nats_B of the network."""
+  return jax.jit(lambda params, rows_BL, key: masked.nelbo(process, bind(graphdef, params), rows_BL, key).nats_B)

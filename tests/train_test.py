@@ -1,0 +1,217 @@
+"""End to end on a tiny config: training, resuming, sharding, checkpoints, the pipeline API."""
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import ddlm_jax
+from ddlm_jax import checkpoint
+from ddlm_jax import config as config_lib
+from ddlm_jax import sharding
+from ddlm_jax import train
+from ddlm_jax.data import batching
+from ddlm_jax.data import datasets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments import mdlm_tiny  # pylint: disable=g-import-not-at-top
+
+
+def tiny_config(**train_overrides):
+  config = mdlm_tiny.get_config()
+  config.train.update(num_steps=20, checkpoint_every=10, **train_overrides)
+  return config
+
+
+def one_device_mesh():
+  return sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, summary
+
+
+def params_of(workdir):
+  return jax.device_get(ddlm_jax.load(workdir, use_ema=False).params)
+
+
+def assert_trees_close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
+
+
+def test_held_out_elbo_is_a_bound_on_the_generator_nll(trained_workdir):
+  _, summary = trained_workdir
+  assert summary["step"] == 20
+  assert summary["bits_per_token_stderr"] > 0
+  assert summary["bits_per_token"] + 3 * summary["bits_per_token_stderr"] >= summary["generator_bits_per_token"]
+
+
+def test_loss_falls_within_a_few_dozen_steps(tmp_path):
+  config = tiny_config()
+  data = datasets.load_data(train.data_config(config), str(tmp_path))
+  experiment = train.make_experiment(config, data.tokenizer.vocab_size, data.tokenizer.mask_id)
+  mesh = one_device_mesh()
+  optimizer = train.make_optimizer(config.train)
+  graphdef, state, _ = train.init_state(experiment, config, mesh, optimizer)
+  step_fn = jax.jit(lambda s, b, k: train.train_step(s, b, k, graphdef=graphdef, optimizer=optimizer,
+                                                     process=experiment.process, ema_decay=0.0))
+  nelbo_fn = train.make_nelbo_fn(graphdef, experiment.process)
+  eval_rows = jnp.asarray(data.eval_rows[:32])
+  held_out = lambda params: float(nelbo_fn(params, eval_rows, jax.random.key(9)).mean())
+  before = held_out(state.params)
+  batches = batching.BatchIterator(data.train_rows, 16, seed=0)
+  for _ in range(40):
+    state, metrics = step_fn(state, jnp.asarray(next(batches)), jax.random.key(0))
+  after = held_out(state.params)
+  assert after < 0.7 * before, (before, after)
+  assert np.isfinite(float(metrics["grad_norm"]))
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, trained_workdir, monkeypatch):
+  uninterrupted_dir, _ = trained_workdir
+  workdir = str(tmp_path / "killed")
+  real_next = batching.BatchIterator.__next__
+  calls = {"n": 0}
+
+  def crashing_next(self):
+    calls["n"] += 1
+    if calls["n"] == 14:
+      raise KeyboardInterrupt("simulated kill")
+    return real_next(self)
+
+  monkeypatch.setattr(batching.BatchIterator, "__next__", crashing_next)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert checkpoint.make_manager(workdir).latest_step() == 10
+  monkeypatch.setattr(batching.BatchIterator, "__next__", real_next)
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  assert summary["step"] == 20
+  assert_trees_close(params_of(workdir), params_of(uninterrupted_dir), atol=1e-6)
+
+
+def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  real_next = batching.BatchIterator.__next__
+  calls = {"n": 0}
+
+  def signalling_next(self):
+    calls["n"] += 1
+    if calls["n"] == 7:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_next(self)
+
+  monkeypatch.setattr(batching.BatchIterator, "__next__", signalling_next)
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  assert summary == {"step": 7, "stopped": "SIGTERM"}
+  assert checkpoint.make_manager(workdir).latest_step() == 7
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_train_step_is_the_same_on_every_mesh(tmp_path, mesh_shape):
+  config = tiny_config()
+  config.model.update(num_heads=2, embed_dim=32, mlp_dim=64)
+  data = datasets.load_data(train.data_config(config), str(tmp_path))
+  experiment = train.make_experiment(config, data.tokenizer.vocab_size, data.tokenizer.mask_id)
+  optimizer = train.make_optimizer(config.train)
+  batch = data.train_rows[:16]
+
+  def run(mesh, state=None):
+    graphdef, fresh, shardings = train.init_state(experiment, config, mesh, optimizer)
+    state = fresh if state is None else jax.device_put(state, shardings)
+    step_fn = jax.jit(lambda s, b, k: train.train_step(s, b, k, graphdef=graphdef, optimizer=optimizer,
+                                                       process=experiment.process, ema_decay=0.0),
+                      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                      out_shardings=(shardings, sharding.replicated(mesh)))
+    new_state, metrics = step_fn(state, jax.device_put(batch, sharding.batch_sharding(mesh)),
+                                 jax.random.key(3))
+    return state, jax.device_get(new_state), jax.device_get(metrics)
+
+  initial, reference, reference_metrics = run(one_device_mesh())
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+  _, sharded, sharded_metrics = run(mesh, jax.device_get(initial))
+  np.testing.assert_allclose(sharded_metrics["loss"], reference_metrics["loss"], rtol=1e-5)
+  assert_trees_close(sharded.params, reference.params, atol=1e-5)
+
+
+def test_pipeline_generates_scores_and_respects_prompts(trained_workdir):
+  workdir, _ = trained_workdir
+  model = ddlm_jax.load(workdir)
+  texts = model.generate(num_samples=3, steps=8, seed=1)
+  assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+  assert model.generate(num_samples=3, steps=8, seed=1) == texts
+  prompted = model.generate(["The", "A venue"], steps=8, strategy="random")
+  assert prompted[0].startswith("The") and prompted[1].startswith("A venue")
+  result = model.score(["The Golden Curry is a restaurant.", "zzzz qqq"], num_samples=2)
+  assert result.bits_per_sequence.shape == (2,)
+  assert result.bits_per_sequence[1] > result.bits_per_sequence[0]
+
+
+def test_prompt_longer_than_the_canvas_is_refused(trained_workdir):
+  workdir, _ = trained_workdir
+  model = ddlm_jax.load(workdir)
+  with pytest.raises(ValueError, match="canvas"):
+    model.generate(["word " * 200], steps=8)
+  with pytest.raises(ValueError, match="length"):
+    model.generate(num_samples=1, length=10_000)
+
+
+def _snapshot(directory):
+  return sorted((os.path.relpath(os.path.join(root, name), directory), os.path.getmtime(os.path.join(root, name)))
+                for root, _, names in os.walk(directory) for name in names)
+
+
+def test_checkpoint_of_another_shape_is_refused_and_kept(trained_workdir):
+  workdir, _ = trained_workdir
+  before = _snapshot(workdir)
+  config = tiny_config()
+  config.model.num_layers = 3
+  with pytest.raises(checkpoint.CheckpointError, match="num_layers"):
+    train.train_and_evaluate(config, workdir)
+  assert _snapshot(workdir) == before
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, trained_workdir):
+  workdir, _ = trained_workdir
+  broken = str(tmp_path / "broken")
+  subprocess.run(["cp", "-r", workdir, broken], check=True)
+  latest = checkpoint.make_manager(broken).latest_step()
+  state_dir = os.path.join(checkpoint.checkpoint_dir(broken), str(latest), "state")
+  for root, _, names in os.walk(state_dir):
+    for name in names:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage")
+  with pytest.raises(checkpoint.CheckpointError, match="cannot be restored"):
+    ddlm_jax.load(broken)
+
+
+def test_unknown_config_key_is_named():
+  config = config_lib.base_config()
+  config.model.unlock()
+  config.model.num_layerz = 3
+  with pytest.raises(ValueError, match="num_layerz"):
+    config_lib.validate(config)
+  values = config_lib.base_config().to_dict()
+  values["train"]["batch_size"] = "big"
+  bad_type = ml_collections.ConfigDict(values)
+  with pytest.raises(ValueError, match="batch_size"):
+    config_lib.validate(bad_type)
+
+
+def test_launcher_rejects_an_unknown_override(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "ddlm_jax.main", "--config=experiments/mdlm_tiny.py",
+       f"--workdir={tmp_path}", "--config.model.num_layerz=2"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "num_layerz" in result.stderr
+  assert not os.listdir(tmp_path)

@@ -1,0 +1,191 @@
+"""Tests of the transformer denoiser and its layers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ddlm_jax.networks import layers
+from ddlm_jax.networks import transformer
+
+VOCAB, MAX_LEN = 13, 16
+
+
+def _config(**overrides):
+  settings = dict(vocab_size=VOCAB, max_len=MAX_LEN, num_layers=2, num_heads=2,
+                  embed_dim=16, mlp_dim=32)
+  settings.update(overrides)
+  return transformer.TransformerConfig(**settings)
+
+
+def _model(seed=0, **overrides):
+  return transformer.Transformer(_config(**overrides), rngs=nnx.Rngs(seed))
+
+
+def _randomize(model, seed=1):
+  """Sets every parameter to N(0, 0.5^2): zero-initialised ones matter too."""
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  sizes = [x.size for x in leaves]
+  noise = 0.5 * jax.random.normal(jax.random.key(seed), (sum(sizes),))
+  chunks = jnp.split(noise, np.cumsum(sizes)[:-1])
+  leaves = [c.reshape(x.shape) for c, x in zip(chunks, leaves)]
+  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  return model
+
+
+def _jit_forward(model):
+  """model(tokens, t) compiled once per input shape."""
+  graphdef, params = nnx.split(model)
+  apply = jax.jit(lambda params, *args: nnx.merge(graphdef, params)(*args))
+  return lambda *args: apply(params, *args)
+
+
+def _tokens(batch=2, length=8, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+
+
+def _loss_and_grads(model, tokens_BL, dropout_key):
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss_fn(params):
+    logits_BLV = nnx.merge(graphdef, params)(tokens_BL, dropout_key=dropout_key)
+    log_probs_BLV = jax.nn.log_softmax(logits_BLV)
+    return -jnp.take_along_axis(log_probs_BLV, tokens_BL[..., None], -1).mean()
+
+  return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_any_length_up_to_max_len_gives_float32_logits(causal):
+  forward = _jit_forward(_model(causal=causal))
+  for length in (5, MAX_LEN):
+    logits_BLV = forward(_tokens(3, length))
+    assert logits_BLV.shape == (3, length, VOCAB)
+    assert logits_BLV.dtype == jnp.float32
+    assert np.all(np.isfinite(logits_BLV))
+
+
+def test_bidirectional_later_token_changes_earlier_logits():
+  model = _model()
+  tokens_BL = _tokens()
+  changed_BL = tokens_BL.at[:, -1].set((tokens_BL[:, -1] + 1) % VOCAB)
+  diff = jnp.abs(model(tokens_BL)[:, 0] - model(changed_BL)[:, 0]).max()
+  assert diff > 1e-4
+
+
+def test_causal_logits_never_see_later_tokens():
+  forward = _jit_forward(_randomize(_model(causal=True)))
+  tokens_BL = _tokens(length=8)
+  logits_BLV = forward(tokens_BL)
+  for j in range(8):
+    changed_BL = tokens_BL.at[:, j].set((tokens_BL[:, j] + 1) % VOCAB)
+    changed_logits_BLV = forward(changed_BL)
+    np.testing.assert_array_equal(changed_logits_BLV[:, :j], logits_BLV[:, :j])
+    assert jnp.abs(changed_logits_BLV[:, j] - logits_BLV[:, j]).max() > 1e-4
+
+
+def test_time_conditioning_changes_output_iff_enabled():
+  tokens_BL = _tokens()
+  t_lo, t_hi = jnp.array([0.1, 0.2]), jnp.array([0.8, 0.9])
+
+  untrained = _model(time_conditioning=True)  # zero-initialised modulation
+  np.testing.assert_allclose(untrained(tokens_BL, t_lo),
+                             untrained(tokens_BL, t_hi), atol=1e-6)
+  conditioned = _randomize(untrained)
+  diff = jnp.abs(conditioned(tokens_BL, t_lo) - conditioned(tokens_BL, t_hi))
+  assert diff.max() > 1e-3
+  with pytest.raises(ValueError, match="t_B"):
+    conditioned(tokens_BL)
+
+  unconditioned = _randomize(_model(time_conditioning=False))
+  np.testing.assert_array_equal(unconditioned(tokens_BL, t_lo),
+                                unconditioned(tokens_BL, t_hi))
+  np.testing.assert_array_equal(unconditioned(tokens_BL, t_lo),
+                                unconditioned(tokens_BL))
+
+
+def test_remat_gives_same_loss_and_gradients():
+  tokens_BL, key = _tokens(), jax.random.key(3)
+  loss, grads = _loss_and_grads(_model(dropout_rate=0.1), tokens_BL, key)
+  remat_loss, remat_grads = _loss_and_grads(
+      _model(dropout_rate=0.1, remat=True), tokens_BL, key)
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               remat_grads, grads)
+
+
+def test_dropout_only_with_key():
+  model = _model(dropout_rate=0.5)
+  tokens_BL = _tokens()
+  np.testing.assert_array_equal(model(tokens_BL), model(tokens_BL))
+  dropped = model(tokens_BL, dropout_key=jax.random.key(0))
+  assert jnp.abs(dropped - model(tokens_BL)).max() > 1e-3
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  tokens_BL = _tokens()
+  model_bf16 = _model(dtype="bfloat16")
+  logits_BLV = _model(dtype="float32")(tokens_BL)
+  logits_bf16_BLV = model_bf16(tokens_BL)
+  assert logits_bf16_BLV.dtype == jnp.float32
+  assert model_bf16.embedding[...].dtype == jnp.float32
+  assert jnp.abs(logits_bf16_BLV - logits_BLV).max() > 0  # really bf16
+  np.testing.assert_allclose(logits_bf16_BLV, logits_BLV, atol=0.05)
+
+
+def test_sequence_longer_than_max_len_raises():
+  with pytest.raises(ValueError, match="max_len"):
+    _model()(_tokens(length=MAX_LEN + 1))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(max_len=-1), "max_len"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(mlp_dim=0), "mlp_dim"),
+    (dict(num_heads=3), "num_heads"),
+    (dict(embed_dim=12, num_heads=4), "head_dim"),
+    (dict(dropout_rate=1.0), "dropout_rate"),
+    (dict(dtype="float16"), "dtype"),
+])
+def test_invalid_config_raises_naming_the_field(overrides, field):
+  with pytest.raises(ValueError, match=field):
+    _config(**overrides)
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_num_params_counts_the_state(time_conditioning):
+  config = _config(time_conditioning=time_conditioning)
+  model = transformer.Transformer(config, rngs=nnx.Rngs(0))
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert transformer.num_params(config) == sum(x.size for x in leaves)
+
+
+def test_flops_per_token_counts_the_matmul_weights():
+  config = _config(num_layers=3)
+  model = transformer.Transformer(config, rngs=nnx.Rngs(0))
+  matmul_params = model.unembedding[...].size + sum(
+      w[...].size for block in model.blocks
+      for w in (block.attn.query, block.attn.key, block.attn.value,
+                block.attn.out, block.mlp.wi, block.mlp.wo))
+  attention = 12 * config.num_layers * config.embed_dim * 10
+  expected = 6 * matmul_params + attention
+  assert transformer.flops_per_token(config, 10) == expected
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  q_key, k_key = jax.random.split(jax.random.key(0))
+  q_1L1K = jax.random.normal(q_key, (1, 1, 1, 8))
+  k_1L1K = jax.random.normal(k_key, (1, 1, 1, 8))
+
+  def score(q_position, k_position):
+    q = layers.apply_rope(q_1L1K, jnp.array([[q_position]]))
+    k = layers.apply_rope(k_1L1K, jnp.array([[k_position]]))
+    return jnp.sum(q * k)
+
+  for q_position, k_position in [(0, 0), (3, 1), (2, 7)]:
+    for shift in (1, 5, 100):
+      np.testing.assert_allclose(score(q_position + shift, k_position + shift),
+                                 score(q_position, k_position), rtol=1e-4)
+  assert jnp.abs(score(3, 1) - score(1, 1)) > 1e-3
