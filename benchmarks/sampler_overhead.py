@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from benchmarks import common
 from ddlm_jax import samplers
 from ddlm_jax import sharding
-from ddlm_jax import train  # noqa
+from ddlm_jax import train
 from ddlm_jax.networks import transformer
 from ddlm_jax.processes import masked
 
@@ -43,10 +43,10 @@ def main(argv):
   for strategy, temperature, block_length in SETTINGS:
     config = samplers.SamplerConfig(steps=steps, strategy=strategy, temperature=temperature,
                                     block_length=block_length)
-    sample = jax.jit(lambda p, k, config=config: samplers.sample(
-        train.bind(graphdef, p), process, config, tokens_BL, fixed_BL, k, eos_id=3, pad_id=0))
+    sample = jax.jit(lambda p, tokens, fixed, k, config=config: samplers.sample(
+        train.bind(graphdef, p), process, config, tokens, fixed, k, eos_id=3, pad_id=0))
     forward_s = common.best_seconds(forward, params, tokens_BL)
-    sample_s = common.best_seconds(sample, params, key, repeats=3, warmup=1)
+    sample_s = common.best_seconds(sample, params, tokens_BL, fixed_BL, key, repeats=3, warmup=1)
     forward_s = min(forward_s, common.best_seconds(forward, params, tokens_BL))
     rows.append(dict(strategy=strategy, temperature=temperature, block_length=block_length,
                      forward_ms=round(forward_s * 1e3, 3), step_ms=round(sample_s / steps * 1e3, 3),

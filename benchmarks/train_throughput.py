@@ -37,7 +37,7 @@ def measure(size: str, batch_size: int, seq_len: int, vocab_size: int, steps: in
   config.data.seq_len = seq_len
   config.train.batch_size = batch_size
   experiment = train.make_experiment(config, vocab_size, mask_id=1)
-  mesh = sharding.make_mesh(experiment.mesh)
+  mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()))
   optimizer = train.make_optimizer(config.train)
   graphdef, state, shardings = train.init_state(experiment, config, mesh, optimizer)
   step_fn = jax.jit(

@@ -1,19 +1,21 @@
 """Orbax checkpoints of a run: train state, data position, model settings and config.
 
 Each step directory holds four items: 'state' (step, params, optimizer, EMA), 'data' (the
-batch iterator's position), 'model' (the network's settings, checked before any restore so a
-checkpoint of another shape is refused with a clear message) and 'config' (the full experiment
-config, for `ddlm_jax.load`). Orbax writes each step to a temporary directory and renames it
+batch iterator's position), 'identity' (the settings a resumed run must share, see
+`config.run_identity`; checked before any restore so that a checkpoint of another model or data
+order is refused with a clear message) and 'config' (the full experiment config, for
+`ddlm_jax.load`). Orbax writes each step to a temporary directory and renames it
 when complete, so a run killed mid-save leaves the previous checkpoint intact.
 """
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data", "model", "config")
+ITEMS = ("state", "data", "identity", "config")
 
 
 class CheckpointError(ValueError):
@@ -21,23 +23,32 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """Where a run keeps its step directories."""
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """A synchronous orbax manager over the workdir's checkpoints, keeping the last `keep` steps."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
+def latest_step(workdir: str) -> int | None:
+  """The workdir's latest complete checkpoint step; None if it has none (nothing is created)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  return make_manager(workdir, read_only=True).latest_step()
+
+
 def all_finite(tree: Any) -> bool:
   """True if every floating-point leaf of `tree` is finite."""
   leaves = [leaf for leaf in jax.tree.leaves(tree) if np.issubdtype(leaf.dtype, np.floating)]
-  return all(bool(jax.numpy.isfinite(leaf).all()) for leaf in leaves)
+  return all(bool(jnp.isfinite(leaf).all()) for leaf in leaves)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: dict,
-         model_settings: dict, config: dict) -> None:
+         identity: dict, config: dict) -> None:
   """Saves one step; refuses a state with NaN/Inf so a good checkpoint is never replaced by a bad one."""
   if not all_finite(state):
     latest = manager.latest_step()
@@ -45,30 +56,42 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: d
                              f"The last good checkpoint (step {latest}) is kept in {manager.directory}")
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position),
-      model=ocp.args.JsonSave(model_settings), config=ocp.args.JsonSave(config)), force=True)
+      identity=ocp.args.JsonSave(identity), config=ocp.args.JsonSave(config)), force=True)
   manager.wait_until_finished()
 
 
 def read_json_items(manager: ocp.CheckpointManager, step: int) -> dict:
-  """The 'data', 'model' and 'config' items of a step (no arrays are read)."""
+  """The 'data', 'identity' and 'config' items of a step (no arrays are read)."""
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
-        data=ocp.args.JsonRestore(), model=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+        data=ocp.args.JsonRestore(), identity=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
   except Exception as error:  # orbax raises many types for missing or damaged files
     raise CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be read ({error}). "
                           "Nothing was changed; move that step directory away to resume from an "
                           "earlier step.") from error
-  return {name: restored[name] for name in ("data", "model", "config")}
+  return {name: restored[name] for name in ("data", "identity", "config")}
 
 
-def check_model_settings(saved: dict, current: dict, where: str) -> None:
-  """Raises CheckpointError listing every model setting that differs."""
-  differences = [f"{key}: checkpoint {saved.get(key)!r} vs now {current.get(key)!r}"
-                 for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+def check_identity(saved: dict, current: dict, where: str) -> None:
+  """Raises CheckpointError listing every run-identity setting that differs from the checkpoint's."""
+  flat_saved, flat_current = _flatten(saved), _flatten(current)
+  differences = [f"{key}: checkpoint {flat_saved.get(key)!r} vs now {flat_current.get(key)!r}"
+                 for key in sorted(set(flat_saved) | set(flat_current))
+                 if flat_saved.get(key) != flat_current.get(key)]
   if differences:
-    raise CheckpointError(f"the checkpoint in {where} was written by a different model ("
-                          + "; ".join(differences) + "). Use a new --workdir or the same model settings; "
+    raise CheckpointError(f"the checkpoint in {where} was written by a run with other settings ("
+                          + "; ".join(differences) + "). Use a new --workdir or the same settings; "
                           "the workdir was left as it is.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return flat
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:

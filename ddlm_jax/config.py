@@ -5,6 +5,12 @@ add keys. `validate` rejects unknown keys and wrong types by name, before anythi
 """
 import ml_collections
 
+from ddlm_jax import samplers
+from ddlm_jax import schedules
+from ddlm_jax import sharding
+from ddlm_jax.data import datasets
+from ddlm_jax.networks import transformer
+
 PROCESSES = ("masked",)
 
 
@@ -17,12 +23,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       source="embedded",         # 'embedded' | 'text_files' | 'tfds'
       paths=(),                  # local text files for source='text_files'
-      tfds_name="",              # catalog name for source='tfds'
+      tfds_name="",              # catalog name for source='tfds', e.g. 'lm1b'
+      tfds_eval_split="validation",  # 'test' for lm1b
+      tfds_data_dir="",          # empty: TFDS's default data directory
+      unit="paragraph",          # local/catalog texts are cut into 'paragraph's or 'line's
       tokenizer="sentencepiece",  # 'char' | 'sentencepiece'
       vocab_size=1024,           # sentencepiece only
       seq_len=128,
       packing="pad",             # 'pad': one document per row; 'pack': concatenate and chunk
-      num_train_docs=50_000,     # embedded corpus only
+      num_train_docs=50_000,     # sampled (embedded corpus) or read at most (other sources)
       num_eval_docs=1_000,
       validation_fraction=0.05,  # local text files only
       seed=0,
@@ -69,10 +78,47 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming any key that `base_config()` lacks or whose type differs."""
+  """Raises ValueError naming the first key that `base_config()` lacks, has another type, or
+  holds an impossible value, before anything is written."""
   _check_against(config, base_config(), prefix="config")
   if config.process.name not in PROCESSES:
     raise ValueError(f"config.process.name={config.process.name!r} is not one of {PROCESSES}")
+  checks = {
+      "config.data": lambda: datasets.DataConfig(**{**config.data.to_dict(), "paths": tuple(config.data.paths)}),
+      "config.model": lambda: transformer.TransformerConfig(vocab_size=8, max_len=config.data.seq_len,
+                                                           **config.model.to_dict()),
+      "config.process": lambda: schedules.Schedule(config.process.schedule, config.process.schedule_eps),
+      "config.mesh": lambda: sharding.MeshConfig(**config.mesh.to_dict()),
+      "config.sample": lambda: samplers.SamplerConfig(
+          steps=config.sample.steps, strategy=config.sample.strategy, temperature=config.sample.temperature,
+          block_length=config.sample.block_length).max_blocks(config.data.seq_len),
+  }
+  for name, check in checks.items():
+    try:
+      check()
+    except ValueError as error:
+      raise ValueError(f"{name}: {error}") from error
+  positive = {"config.train.batch_size": config.train.batch_size, "config.train.num_steps": config.train.num_steps,
+              "config.train.log_every": config.train.log_every, "config.train.eval_every": config.train.eval_every,
+              "config.train.checkpoint_every": config.train.checkpoint_every,
+              "config.train.keep_checkpoints": config.train.keep_checkpoints,
+              "config.eval.batch_size": config.eval.batch_size, "config.eval.max_docs": config.eval.max_docs,
+              "config.sample.num_samples": config.sample.num_samples}
+  for name, value in positive.items():
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
+  if config.eval.elbo_samples < 2:
+    raise ValueError(f"config.eval.elbo_samples must be >= 2 (for a standard error), got {config.eval.elbo_samples}")
+  if not 0.0 <= config.train.ema_decay < 1.0:
+    raise ValueError(f"config.train.ema_decay must lie in [0, 1), got {config.train.ema_decay}")
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict:
+  """The settings a resumed run must share with its checkpoint: everything that shapes the state,
+  the data order or the random keys. Step counts, logging, evaluation and sampling may change."""
+  return {"seed": config.seed, "data": config.data.to_dict(), "model": config.model.to_dict(),
+          "process": config.process.to_dict(), "train.batch_size": config.train.batch_size,
+          "train.ema_decay": config.train.ema_decay}
 
 
 def _check_against(config, reference, prefix: str) -> None:

@@ -79,16 +79,14 @@ def elbo(nelbo_fn: NelboFn, params: Any, rows_NL: np.ndarray, num_tokens_N: np.n
   padded = -(-num_rows // batch_size) * batch_size
   rows_PL = np.concatenate([rows_NL, np.repeat(rows_NL[-1:], padded - num_rows, axis=0)])
   key = jax.random.key(seed)
-  nats_KN = np.zeros((num_samples, num_rows))
+  nats = []  # device arrays, fetched once at the end so the calls run back to back
   for sample in range(num_samples):
     for start in range(0, padded, batch_size):
       batch_BL = rows_PL[start:start + batch_size]
       if batch_sharding is not None:
         batch_BL = jax.device_put(batch_BL, batch_sharding)
-      batch_key = jax.random.fold_in(jax.random.fold_in(key, sample), start)
-      nats_B = np.asarray(nelbo_fn(params, batch_BL, batch_key), np.float64)
-      stop = min(start + batch_size, num_rows)
-      nats_KN[sample, start:stop] = nats_B[:stop - start]
+      nats.append(nelbo_fn(params, batch_BL, jax.random.fold_in(jax.random.fold_in(key, sample), start)))
+  nats_KN = np.asarray(jax.device_get(nats), np.float64).reshape(num_samples, padded)[:, :num_rows]
   total_tokens = int(np.sum(num_tokens_N))
   mean_nats_N = nats_KN.mean(0)
   total_variance = (nats_KN.var(0, ddof=1) / num_samples).sum()

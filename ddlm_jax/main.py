@@ -8,6 +8,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from ddlm_jax import pipeline
@@ -25,6 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries log every checkpoint at INFO; -v 0 shows them
+    logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _MODE.value == "train":
     summary = train.train_and_evaluate(config, workdir)

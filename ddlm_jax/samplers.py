@@ -5,8 +5,9 @@ Strategies for the masked process:
                     with probability (alpha_s - alpha_t) / (1 - alpha_t), drawn from p(x_0 | x_t).
   'random'          LLaDA: a scheduled number k of masked positions is revealed per step, chosen at random.
   'low_confidence'  LLaDA: the k masked positions whose sampled token the model is most sure of are revealed.
-The k-strategies reveal the free positions of each block evenly over the block's steps; with
+The k-strategies reveal the positions of each block evenly over the block's steps; with
 `block_length > 0` blocks are generated left to right (semi-autoregressive, LLaDA sec. 2.4).
+Every strategy draws its candidates with the same `draw_tokens`.
 
 Fixed positions (prompts, infilling constraints, padding) are never changed. Randomness is per
 row: row r at step i uses fold_in(fold_in(key, row_ids[r]), i), so a row's sample does not depend
@@ -14,7 +15,6 @@ on the batch it was drawn in. Tokens are sampled by inverse CDF with one uniform
 instead of V Gumbel draws per position.
 """
 import dataclasses
-from typing import Callable
 
 import flax.struct
 import jax
@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 from ddlm_jax.processes import masked
 
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 STRATEGIES = ("ancestral", "random", "low_confidence")
 
 
@@ -34,8 +33,8 @@ class SamplerConfig:
     steps: number of reverse steps (network evaluations).
     strategy: one of STRATEGIES.
     temperature: softmax temperature of the token draws; 0 takes the argmax.
-    block_length: free positions per semi-autoregressive block; 0 = one block.
-      The canvas of length L holds ceil(L / block_length) blocks and `steps` must be a multiple of that.
+    block_length: free positions per semi-autoregressive block; 0 = one block. A row with n free
+      positions has ceil(n / block_length) blocks, which share the steps as evenly as possible.
     record_trajectory: also return the canvas after every step.
   """
   steps: int = 64
@@ -56,13 +55,12 @@ class SamplerConfig:
     if self.block_length and self.strategy == "ancestral":
       raise ValueError("block_length needs strategy 'random' or 'low_confidence'")
 
-  def num_blocks(self, length: int) -> int:
-    if not self.block_length:
-      return 1
-    num_blocks = -(-length // self.block_length)
-    if self.steps % num_blocks:
-      raise ValueError(f"steps={self.steps} is not a multiple of the {num_blocks} blocks of "
-                       f"length {self.block_length} in a canvas of {length}")
+  def max_blocks(self, length: int) -> int:
+    """Blocks of a canvas of `length` free positions; each needs at least one step."""
+    num_blocks = -(-length // self.block_length) if self.block_length else 1
+    if self.steps < num_blocks:
+      raise ValueError(f"steps={self.steps} is fewer than the {num_blocks} blocks of length "
+                       f"{self.block_length} in a canvas of {length}")
     return num_blocks
 
 
@@ -71,44 +69,55 @@ class SamplingPlan:
   """What stays fixed over a sampling run.
 
   Attributes:
-    fixed_BL: bool[B, L], positions that are never changed.
-    block_BL: int32[B, L], semi-autoregressive block of each free position (-1 if fixed).
+    block_BL: int32[B, L], semi-autoregressive block of each position to generate (-1 otherwise).
+    block_of_step_BS: int32[B, steps], the block each row works on at each step.
     reveal_counts_BS: int32[B, steps], tokens revealed per row and step (k-strategies).
     row_keys_B: per-row PRNG keys.
   """
-  fixed_BL: jax.Array
   block_BL: jax.Array
+  block_of_step_BS: jax.Array
   reveal_counts_BS: jax.Array
   row_keys_B: jax.Array
 
 
-def make_plan(config: SamplerConfig, fixed_BL: jax.Array, key: jax.Array,
-              row_ids_B: jax.Array) -> SamplingPlan:
-  """Blocks of free positions and the per-step reveal counts of each row."""
-  length = fixed_BL.shape[1]
-  num_blocks = config.num_blocks(length)
-  steps_per_block = config.steps // num_blocks
-  free_BL = ~fixed_BL
-  free_rank_BL = jnp.cumsum(free_BL, axis=1) - 1
-  block_BL = jnp.where(free_BL, free_rank_BL // (config.block_length or length), -1)
-  block_sizes_BK = (block_BL[:, :, None] == jnp.arange(num_blocks)).sum(axis=1)
-  base_BK, extra_BK = block_sizes_BK // steps_per_block, block_sizes_BK % steps_per_block
-  step_in_block_S = jnp.arange(config.steps) % steps_per_block
-  block_of_step_S = jnp.arange(config.steps) // steps_per_block
-  reveal_counts_BS = base_BK[:, block_of_step_S] + (step_in_block_S < extra_BK[:, block_of_step_S])
-  row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids_B)
-  return SamplingPlan(fixed_BL=fixed_BL, block_BL=block_BL,
+def make_plan(config: SamplerConfig, to_generate_BL: jax.Array, row_keys_B: jax.Array) -> SamplingPlan:
+  """Blocks of the positions to generate, and how many each step of each row reveals.
+
+  Row b with n_b positions to generate has ceil(n_b / block_length) blocks; block j owns the
+  steps [ceil(j S / n_b), ceil((j + 1) S / n_b)) of the S steps and reveals its positions evenly
+  over them, earlier steps taking the remainder (LLaDA's schedule).
+  """
+  length, steps = to_generate_BL.shape[1], config.steps
+  block_length = config.block_length or length
+  max_blocks = config.max_blocks(length)
+  block_BL = jnp.where(to_generate_BL, (jnp.cumsum(to_generate_BL, axis=1) - 1) // block_length, -1)
+  block_sizes_BK = (block_BL[:, :, None] == jnp.arange(max_blocks)).sum(axis=1)
+  num_blocks_B1 = jnp.maximum(-(-to_generate_BL.sum(axis=1, keepdims=True) // block_length), 1)
+  step_S = jnp.arange(steps)
+  block_of_step_BS = step_S * num_blocks_B1 // steps
+  first_step_BS = -(-block_of_step_BS * steps // num_blocks_B1)
+  steps_in_block_BS = -(-(block_of_step_BS + 1) * steps // num_blocks_B1) - first_step_BS
+  size_BS = jnp.take_along_axis(block_sizes_BK, block_of_step_BS, axis=1)
+  reveal_counts_BS = (size_BS // steps_in_block_BS
+                      + (step_S - first_step_BS < size_BS % steps_in_block_BS))
+  return SamplingPlan(block_BL=block_BL, block_of_step_BS=block_of_step_BS.astype(jnp.int32),
                       reveal_counts_BS=reveal_counts_BS.astype(jnp.int32), row_keys_B=row_keys_B)
 
 
 def draw_tokens(log_probs_BLV: jax.Array, uniforms_BL: jax.Array, temperature: float) -> jax.Array:
-  """x_0 candidates: argmax at temperature 0, else an inverse-CDF draw from softmax(log_probs / T)."""
+  """x_0 candidates: argmax at temperature 0, else an inverse-CDF draw from softmax(log_probs / T).
+
+  One uniform per position replaces V Gumbel draws; a draw never lands on a zero-probability id.
+  """
+  greedy_BL = jnp.argmax(log_probs_BLV, axis=-1).astype(jnp.int32)
   if temperature == 0:
-    return jnp.argmax(log_probs_BLV, axis=-1).astype(jnp.int32)
+    return greedy_BL
   probs_BLV = jax.nn.softmax(log_probs_BLV / temperature, axis=-1)
   cdf_BLV = jnp.cumsum(probs_BLV, axis=-1)
-  below_BL = (cdf_BLV < uniforms_BL[..., None] * cdf_BLV[..., -1:]).sum(axis=-1)
-  return jnp.minimum(below_BL, log_probs_BLV.shape[-1] - 1).astype(jnp.int32)
+  below_BL = (cdf_BLV <= uniforms_BL[..., None] * cdf_BLV[..., -1:]).sum(axis=-1)
+  tokens_BL = jnp.minimum(below_BL, log_probs_BLV.shape[-1] - 1).astype(jnp.int32)
+  drawn_prob_BL = jnp.take_along_axis(probs_BLV, tokens_BL[..., None], axis=-1)[..., 0]
+  return jnp.where(drawn_prob_BL > 0, tokens_BL, greedy_BL)  # only if u * total rounded up to total
 
 
 def top_k_mask(scores_BL: jax.Array, k_B: jax.Array) -> jax.Array:
@@ -123,7 +132,7 @@ def step_times(config: SamplerConfig, step: jax.Array) -> tuple[jax.Array, jax.A
   return 1.0 - step / config.steps, 1.0 - (step + 1) / config.steps
 
 
-def sampler_step(model_fn: ModelFn, process: masked.MaskedDiffusion, config: SamplerConfig,
+def sampler_step(model_fn: masked.ModelFn, process: masked.MaskedDiffusion, config: SamplerConfig,
                  plan: SamplingPlan, canvas_BL: jax.Array, step: jax.Array) -> jax.Array:
   """One reverse step of the masked process: canvas at time t -> canvas at time s."""
   batch_size, length = canvas_BL.shape
@@ -134,19 +143,16 @@ def sampler_step(model_fn: ModelFn, process: masked.MaskedDiffusion, config: Sam
 
   log_probs_BLV = masked.x0_log_probs(process, model_fn(canvas_BL, jnp.full((batch_size,), t)))
   candidates_BL = draw_tokens(log_probs_BLV, token_u_BL, config.temperature)
-  masked_BL = (canvas_BL == process.mask_id) & ~plan.fixed_BL
-
   if config.strategy == "ancestral":
-    reveal_BL = masked_BL & (choice_u_BL < masked.unmask_prob(process, t, s))
+    return masked.reverse_step(process, canvas_BL, candidates_BL, t, s, choice_u_BL)
+
+  active_BL = (canvas_BL == process.mask_id) & (plan.block_BL == plan.block_of_step_BS[:, step, None])
+  if config.strategy == "random":
+    scores_BL = choice_u_BL
   else:
-    steps_per_block = config.steps // config.num_blocks(length)
-    active_BL = masked_BL & (plan.block_BL == step // steps_per_block)
-    if config.strategy == "random":
-      scores_BL = choice_u_BL
-    else:
-      scores_BL = jnp.take_along_axis(log_probs_BLV, candidates_BL[..., None], axis=-1)[..., 0]
-    scores_BL = jnp.where(active_BL, scores_BL, -jnp.inf)
-    reveal_BL = active_BL & top_k_mask(scores_BL, plan.reveal_counts_BS[:, step])
+    scores_BL = jnp.take_along_axis(log_probs_BLV, candidates_BL[..., None], axis=-1)[..., 0]
+  scores_BL = jnp.where(active_BL, scores_BL, -jnp.inf)
+  reveal_BL = active_BL & top_k_mask(scores_BL, plan.reveal_counts_BS[:, step])
   return jnp.where(reveal_BL, candidates_BL, canvas_BL)
 
 
@@ -157,7 +163,7 @@ def pad_after_eos(tokens_BL: jax.Array, fixed_BL: jax.Array, eos_id: int, pad_id
   return jnp.where(after_eos_BL & ~fixed_BL, pad_id, tokens_BL)
 
 
-def sample(model_fn: ModelFn, process: masked.MaskedDiffusion, config: SamplerConfig,
+def sample(model_fn: masked.ModelFn, process: masked.MaskedDiffusion, config: SamplerConfig,
            fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array,
            row_ids_B: jax.Array | None = None, eos_id: int | None = None,
            pad_id: int | None = None):
@@ -179,10 +185,11 @@ def sample(model_fn: ModelFn, process: masked.MaskedDiffusion, config: SamplerCo
   batch_size = fixed_BL.shape[0]
   if row_ids_B is None:
     row_ids_B = jnp.arange(batch_size)
-  plan = make_plan(config, fixed_BL, key, row_ids_B)
-  prior_keys_B = jax.vmap(lambda row_key: jax.random.fold_in(row_key, config.steps))(plan.row_keys_B)
+  row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids_B)
+  prior_keys_B = jax.vmap(lambda row_key: jax.random.fold_in(row_key, config.steps))(row_keys_B)
   canvas_BL = jax.vmap(lambda tokens_L, fixed_L, row_key: masked.initial_canvas(
       process, tokens_L[None], fixed_L[None], row_key)[0])(fixed_tokens_BL, fixed_BL, prior_keys_B)
+  plan = make_plan(config, canvas_BL == process.mask_id, row_keys_B)
 
   def body(canvas_BL, step):
     canvas_BL = sampler_step(model_fn, process, config, plan, canvas_BL, step)

@@ -18,6 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tensorboardX
 import tqdm
@@ -54,7 +55,6 @@ class Experiment:
   data: datasets.DataConfig
   model: transformer.TransformerConfig
   process: masked.MaskedDiffusion
-  mesh: sharding.MeshConfig
 
 
 def data_config(config: ml_collections.ConfigDict) -> datasets.DataConfig:
@@ -70,7 +70,7 @@ def make_experiment(config: ml_collections.ConfigDict, vocab_size: int, mask_id:
   schedule = schedules.Schedule(config.process.schedule, config.process.schedule_eps)
   process = masked.MaskedDiffusion(vocab_size=vocab_size, mask_id=mask_id, schedule=schedule,
                                    antithetic_time=config.process.antithetic_time)
-  return Experiment(data=data, model=model, process=process, mesh=sharding.MeshConfig(**config.mesh.to_dict()))
+  return Experiment(data=data, model=model, process=process)
 
 
 def bind(graphdef: nnx.GraphDef, params: nnx.State, dropout_key: jax.Array | None = None) -> Callable:
@@ -170,22 +170,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config_lib.validate(config)
   sharding.init_distributed(config.multi_process)
-  os.makedirs(workdir, exist_ok=True)
   train_cfg = config.train
+  mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()))
+  check_batch_sizes(config, mesh)
+  identity = config_lib.run_identity(config)
+  latest = checkpoint.latest_step(workdir)
+  if latest is not None:
+    saved = checkpoint.read_json_items(checkpoint.make_manager(workdir, read_only=True), latest)
+    checkpoint.check_identity(saved["identity"], identity, workdir)
+
   data = datasets.load_data(data_config(config), workdir)
+  check_eval_rows(data, config)
+  manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
   tokenizer = data.tokenizer
   experiment = make_experiment(config, tokenizer.vocab_size, tokenizer.mask_id)
-  mesh = sharding.make_mesh(experiment.mesh)
   optimizer = make_optimizer(train_cfg)
-  model_settings = dataclasses.asdict(experiment.model)
-
-  manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
-  latest = manager.latest_step()
   batches = batching.BatchIterator(data.train_rows, train_cfg.batch_size, seed=config.seed,
                                    process_index=jax.process_index(), process_count=jax.process_count())
-  if latest is not None:
-    saved = checkpoint.read_json_items(manager, latest)
-    checkpoint.check_model_settings(saved["model"], model_settings, workdir)
 
   graphdef, state, shardings = init_state(experiment, config, mesh, optimizer)
   if latest is not None:
@@ -207,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch_sharding=batch_sharding)
 
   def save(step):
-    checkpoint.save(manager, step, state, batches.get_state(), model_settings, config.to_dict())
+    checkpoint.save(manager, step, state, batches.get_state(), identity, config.to_dict())
 
   stop = _StopRequest()
   previous_handler = signal.signal(signal.SIGTERM, stop)
@@ -236,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if writer:
           for name, value in {**metrics, "tokens_per_second": tokens_per_second}.items():
             writer.add_scalar(f"train/{name}", float(value), done)
-        if not all(map(lambda v: bool(jnp.isfinite(v)), metrics.values())):
+        if not all(np.isfinite(value) for value in metrics.values()):
           raise FloatingPointError(f"training diverged at step {done}: {metrics}; the last good "
                                    f"checkpoint (step {manager.latest_step()}) is kept")
       if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
@@ -269,5 +270,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def make_nelbo_fn(graphdef: nnx.GraphDef, process: masked.MaskedDiffusion) -> evaluate.NelboFn:
-  """Jitted (params, rows_BL, key) -> NELBO nats_B of the network."""
-  return jax.jit(lambda params, rows_BL, key: masked.nelbo(process, bind(graphdef, params), rows_BL, key).nats_B)
+  """Jitted (params, rows_BL, key) -> NELBO nats_B of the network.
+
+  Times are drawn independently per row (not stratified over the batch), so rows are independent
+  and `evaluate.elbo`'s standard error is valid.
+  """
+  independent = dataclasses.replace(process, antithetic_time=False)
+  return jax.jit(lambda params, rows_BL, key: masked.nelbo(independent, bind(graphdef, params), rows_BL, key).nats_B)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Batches are split over the mesh's data and fsdp axes: their sizes must divide evenly."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name, size in (("config.train.batch_size", config.train.batch_size),
+                     ("config.eval.batch_size", config.eval.batch_size)):
+    if size % shards:
+      raise ValueError(f"{name}={size} does not split over the mesh's {shards} data x fsdp shards")
+
+
+def check_eval_rows(data: datasets.DataBundle, config: ml_collections.ConfigDict) -> None:
+  """Fails before training if evaluation would find nothing to score."""
+  if not len(data.eval_rows):
+    raise ValueError("the evaluation split is empty; raise config.data.num_eval_docs or "
+                     "config.data.validation_fraction")
+  if data.eval_log_probs is not None and not np.isfinite(data.eval_log_probs[:config.eval.max_docs]).any():
+    raise ValueError(f"every evaluation document is longer than config.data.seq_len={config.data.seq_len}; "
+                     "raise it so whole documents fit")

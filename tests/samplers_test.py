@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ddlm_jax import samplers
+from ddlm_jax import schedules
 from ddlm_jax import testing
 from ddlm_jax.processes import masked
 
@@ -44,6 +45,10 @@ def test_prompt_fixed_and_nothing_left_masked(strategy, temperature):
   assert not bool((out_BL == MASK_ID).any())
 
 
+def plan_for(config, fixed_BL):
+  return samplers.make_plan(config, ~fixed_BL, jnp.zeros((fixed_BL.shape[0],), jnp.uint32))
+
+
 @pytest.mark.parametrize("strategy", ["random", "low_confidence"])
 @pytest.mark.parametrize("block_length", [0, 4])
 def test_k_strategies_reveal_exactly_the_schedule(strategy, block_length):
@@ -55,14 +60,44 @@ def test_k_strategies_reveal_exactly_the_schedule(strategy, block_length):
   masked_SB = np.asarray((trajectory_SBL == MASK_ID).sum(-1))
   masked_before_SB = np.concatenate([(~np.asarray(fixed_BL)).sum(-1)[None], masked_SB[:-1]])
   revealed_SB = masked_before_SB - masked_SB
-  plan = samplers.make_plan(config, fixed_BL, jax.random.key(1), jnp.arange(3))
+  plan = plan_for(config, fixed_BL)
   np.testing.assert_array_equal(revealed_SB, np.asarray(plan.reveal_counts_BS).T)
   np.testing.assert_array_equal(np.asarray(plan.reveal_counts_BS).sum(1), (~np.asarray(fixed_BL)).sum(1))
+  assert (revealed_SB >= 1).all()  # no step is wasted, even with a prompt
   if block_length:  # block j is complete before block j + 1 starts
     for step in range(config.steps):
-      block = step // (config.steps // config.num_blocks(16))
-      later_BL = np.asarray(plan.block_BL) > block
+      later_BL = np.asarray(plan.block_BL) > np.asarray(plan.block_of_step_BS)[:, step, None]
       assert (np.asarray(trajectory_SBL[step])[later_BL] == MASK_ID).all()
+
+
+def llada_transfer_counts(block_size, steps_per_block):
+  """LLaDA's schedule, written independently: equal shares, the remainder to the first steps."""
+  base, remainder = divmod(block_size, steps_per_block)
+  return [base + (i < remainder) for i in range(steps_per_block)]
+
+
+@pytest.mark.parametrize("prompt_len,block_length,steps", [(0, 0, 5), (3, 0, 7), (4, 8, 9), (6, 4, 12)])
+def test_reveal_schedule_matches_llada(prompt_len, block_length, steps):
+  length = prompt_len + 24  # 24 positions to generate after the prompt
+  config = samplers.SamplerConfig(steps=steps, block_length=block_length)
+  _, fixed_BL = prompts(1, length, [prompt_len])
+  num_blocks = 24 // block_length if block_length else 1
+  expected = sum((llada_transfer_counts(24 // num_blocks, steps // num_blocks) for _ in range(num_blocks)), [])
+  np.testing.assert_array_equal(plan_for(config, fixed_BL).reveal_counts_BS[0], expected)
+
+
+def test_k_strategies_under_a_loglinear_prior_keep_the_schedule():
+  process = masked.MaskedDiffusion(vocab_size=VOCAB, mask_id=MASK_ID,
+                                   schedule=schedules.Schedule("loglinear", eps=0.3))
+  config = samplers.SamplerConfig(steps=4, strategy="random", record_trajectory=True)
+  tokens_BL, fixed_BL = prompts(4, 16, [0, 0, 2, 2])
+  out_BL, trajectory_SBL = samplers.sample(random_logits_model(), process, config, tokens_BL, fixed_BL,
+                                           jax.random.key(4))
+  assert not bool((out_BL == MASK_ID).any())
+  masked_after_SB = np.asarray((trajectory_SBL == MASK_ID).sum(-1))
+  # About 30% of the canvas starts clean; the schedule spreads the rest over all steps, so every
+  # step reveals something (counts taken from ~fixed would run out before the last step).
+  assert (np.diff(masked_after_SB, axis=0) < 0).all() and (masked_after_SB[-1] == 0).all()
 
 
 def test_low_confidence_reveals_the_most_confident_positions():
@@ -85,7 +120,8 @@ def test_scan_matches_reference_python_loop(strategy):
   model_fn = random_logits_model(1)
   key = jax.random.key(7)
   scanned_BL = jax.jit(lambda k: samplers.sample(model_fn, PROCESS, config, tokens_BL, fixed_BL, k))(key)
-  plan = samplers.make_plan(config, fixed_BL, key, jnp.arange(3))
+  row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(3))
+  plan = samplers.make_plan(config, ~fixed_BL, row_keys_B)
   canvas_BL = jnp.where(fixed_BL, tokens_BL, MASK_ID)
   for step in range(config.steps):
     canvas_BL = samplers.sampler_step(model_fn, PROCESS, config, plan, canvas_BL, jnp.asarray(step))
@@ -131,5 +167,5 @@ def test_bad_sampler_settings_are_rejected():
     samplers.SamplerConfig(steps=0)
   with pytest.raises(ValueError, match="strategy"):
     samplers.SamplerConfig(strategy="greedy")
-  with pytest.raises(ValueError, match="multiple"):
-    samplers.SamplerConfig(steps=5, block_length=4).num_blocks(16)
+  with pytest.raises(ValueError, match="fewer than"):
+    samplers.SamplerConfig(steps=3, block_length=4).max_blocks(16)

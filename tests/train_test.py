@@ -13,10 +13,12 @@ import pytest
 import ddlm_jax
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
+from ddlm_jax import samplers
 from ddlm_jax import sharding
 from ddlm_jax import train
 from ddlm_jax.data import batching
 from ddlm_jax.data import datasets
+from ddlm_jax.data import tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -40,8 +42,15 @@ def trained_workdir(tmp_path_factory):
   return workdir, summary
 
 
-def params_of(workdir):
-  return jax.device_get(ddlm_jax.load(workdir, use_ema=False).params)
+def states_of(workdir):
+  """The whole train state (params, optimizer, step) of a workdir's latest checkpoint."""
+  config = tiny_config()
+  manager = checkpoint.make_manager(workdir, read_only=True)
+  tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
+  experiment = train.make_experiment(config, tokenizer.vocab_size, tokenizer.mask_id)
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  _, abstract_state, _ = train.abstract_state(experiment, config, mesh, train.make_optimizer(config.train))
+  return jax.device_get(checkpoint.restore_state(manager, manager.latest_step(), abstract_state))
 
 
 def assert_trees_close(a, b, atol):
@@ -96,7 +105,9 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, trained_workdir, mo
   monkeypatch.setattr(batching.BatchIterator, "__next__", real_next)
   summary = train.train_and_evaluate(tiny_config(), workdir)
   assert summary["step"] == 20
-  assert_trees_close(params_of(workdir), params_of(uninterrupted_dir), atol=1e-6)
+  resumed, uninterrupted = states_of(workdir), states_of(uninterrupted_dir)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
@@ -117,13 +128,12 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
-def test_train_step_is_the_same_on_every_mesh(tmp_path, mesh_shape):
-  config = tiny_config()
-  config.model.update(num_heads=2, embed_dim=32, mlp_dim=64)
+def test_train_steps_are_the_same_on_every_mesh(tmp_path, mesh_shape):
+  config = tiny_config(warmup_steps=1)  # the first step has learning rate 0, the second does not
   data = datasets.load_data(train.data_config(config), str(tmp_path))
   experiment = train.make_experiment(config, data.tokenizer.vocab_size, data.tokenizer.mask_id)
   optimizer = train.make_optimizer(config.train)
-  batch = data.train_rows[:16]
+  batches = [data.train_rows[:16], data.train_rows[16:32]]
 
   def run(mesh, state=None):
     graphdef, fresh, shardings = train.init_state(experiment, config, mesh, optimizer)
@@ -132,15 +142,21 @@ def test_train_step_is_the_same_on_every_mesh(tmp_path, mesh_shape):
                                                        process=experiment.process, ema_decay=0.0),
                       in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                       out_shardings=(shardings, sharding.replicated(mesh)))
-    new_state, metrics = step_fn(state, jax.device_put(batch, sharding.batch_sharding(mesh)),
-                                 jax.random.key(3))
-    return state, jax.device_get(new_state), jax.device_get(metrics)
+    initial = jax.device_get(state)
+    losses = []
+    for batch in batches:
+      state, metrics = step_fn(state, jax.device_put(batch, sharding.batch_sharding(mesh)), jax.random.key(3))
+      losses.append(float(metrics["loss"]))
+    return initial, jax.device_get(state), losses
 
-  initial, reference, reference_metrics = run(one_device_mesh())
-  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
-  _, sharded, sharded_metrics = run(mesh, jax.device_get(initial))
-  np.testing.assert_allclose(sharded_metrics["loss"], reference_metrics["loss"], rtol=1e-5)
+  initial, reference, reference_losses = run(one_device_mesh())
+  _, sharded, sharded_losses = run(sharding.make_mesh(sharding.MeshConfig(*mesh_shape)), initial)
+  np.testing.assert_allclose(sharded_losses, reference_losses, rtol=1e-5)
+  assert_trees_close(sharded.opt_state, reference.opt_state, atol=1e-5)
   assert_trees_close(sharded.params, reference.params, atol=1e-5)
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(reference.params),
+                                                          jax.tree.leaves(initial.params)))
+  assert moved > 1e-4  # the comparison is of parameters that really changed
 
 
 def test_pipeline_generates_scores_and_respects_prompts(trained_workdir):
@@ -151,7 +167,11 @@ def test_pipeline_generates_scores_and_respects_prompts(trained_workdir):
   assert model.generate(num_samples=3, steps=8, seed=1) == texts
   prompted = model.generate(["The", "A venue"], steps=8, strategy="random")
   assert prompted[0].startswith("The") and prompted[1].startswith("A venue")
-  result = model.score(["The Golden Curry is a restaurant.", "zzzz qqq"], num_samples=2)
+  config = samplers.SamplerConfig(steps=8, strategy="random")
+  assert model._sampler(config)._cache_size() == 1  # two calls with other prompts: one compilation
+  one_by_one = model.generate(["The", "A venue", "There is"], steps=8, strategy="random", batch_size=1)
+  assert one_by_one[:2] == prompted
+  result = model.score(["The Golden Lantern is a pub.", "zzzz qqqq xxxx"], num_samples=2)
   assert result.bits_per_sequence.shape == (2,)
   assert result.bits_per_sequence[1] > result.bits_per_sequence[0]
 
@@ -175,8 +195,12 @@ def test_checkpoint_of_another_shape_is_refused_and_kept(trained_workdir):
   before = _snapshot(workdir)
   config = tiny_config()
   config.model.num_layers = 3
-  with pytest.raises(checkpoint.CheckpointError, match="num_layers"):
+  with pytest.raises(checkpoint.CheckpointError, match="model.num_layers"):
     train.train_and_evaluate(config, workdir)
+  other_data = tiny_config()
+  other_data.data.seed = 5
+  with pytest.raises(checkpoint.CheckpointError, match="data.seed"):
+    train.train_and_evaluate(other_data, workdir)
   assert _snapshot(workdir) == before
 
 
@@ -215,3 +239,33 @@ def test_launcher_rejects_an_unknown_override(tmp_path):
   assert result.returncode != 0
   assert "num_layerz" in result.stderr
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("sample.strategy", "greedy", "config.sample"),
+    ("process.schedule", "quadratic", "config.process"),
+    ("eval.elbo_samples", 1, "elbo_samples"),
+    ("train.batch_size", 12, "does not split"),
+    ("data.source", "web", "config.data"),
+])
+def test_impossible_values_fail_before_anything_is_written(tmp_path, key, value, message):
+  config = tiny_config()
+  group, name = key.split(".")
+  config[group][name] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01\x02binary\xff\xfe"])
+def test_empty_or_binary_corpus_fails_clearly_and_writes_nothing(tmp_path, content):
+  path = tmp_path / "corpus.txt"
+  path.write_bytes(content)
+  config = tiny_config()
+  config.data.update(source="text_files", paths=(str(path),))
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match="corpus.txt"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not os.path.exists(checkpoint.checkpoint_dir(str(workdir)))
+  assert not os.path.exists(workdir / "tokenizer")

@@ -159,8 +159,12 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int, *,
-            model_type: str = "unigram") -> "SentencePieceTokenizer":
+            model_type: str = "bpe") -> "SentencePieceTokenizer":
     """Trains on every text, deterministically (one thread, no sampling of sentences).
+
+    BPE is the default: on the embedded corpus with vocab_size=1024, unigram stopped at 713
+    pieces plus the 256 byte-fallback ids and needed 58 tokens per document; BPE used all 1024
+    ids and 42 tokens per document (33 with 2048 ids).
 
     Texts longer than sentencepiece's sentence limit are cut first, since its trainer would
     otherwise drop them. The result has at most `vocab_size` ids.

@@ -55,11 +55,9 @@ class Nelbo:
   Attributes:
     nats_B: NELBO of each sequence in nats (float32[B]).
     num_tokens_B: number of scored (non-prompt) positions of each sequence (float32[B]).
-    t_B: the diffusion times that were drawn.
   """
   nats_B: jax.Array
   num_tokens_B: jax.Array
-  t_B: jax.Array
 
 
 def sample_times(key: jax.Array, batch_size: int, antithetic: bool) -> jax.Array:
@@ -136,21 +134,40 @@ def nelbo(process: MaskedDiffusion, model_fn: ModelFn, x0_BL: jax.Array, key: ja
   num_tokens_B = scored_BL.sum(axis=-1).astype(jnp.float32)
   diffusion_nats_B = process.schedule.loss_weight(t_B) * jnp.where(masked_BL, nll_BL, 0.0).sum(-1)
   nats_B = diffusion_nats_B + prior_nats_per_token(process) * num_tokens_B
-  return Nelbo(nats_B=nats_B, num_tokens_B=num_tokens_B, t_B=t_B)
+  return Nelbo(nats_B=nats_B, num_tokens_B=num_tokens_B)
 
 
 def loss(process: MaskedDiffusion, model_fn: ModelFn, x0_BL: jax.Array, key: jax.Array,
          prompt_mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Training loss: NELBO in nats per scored token over the batch, and metrics."""
+  """Training loss: NELBO in nats per scored position (EOS and padding included), and metrics."""
   estimate = nelbo(process, model_fn, x0_BL, key, prompt_mask_BL)
-  nats_per_token = estimate.nats_B.sum() / jnp.maximum(estimate.num_tokens_B.sum(), 1.0)
-  return nats_per_token, {"loss": nats_per_token, "bits_per_token": nats_per_token / jnp.log(2.0)}
+  nats_per_position = estimate.nats_B.sum() / jnp.maximum(estimate.num_tokens_B.sum(), 1.0)
+  return nats_per_position, {"loss": nats_per_position}
 
 
 def unmask_prob(process: MaskedDiffusion, t: jax.Array, s: jax.Array) -> jax.Array:
-  """Probability that a token masked at time t is revealed by time s < t: (alpha_s - alpha_t) / (1 - alpha_t)."""
-  schedule = process.schedule
-  return (schedule.alpha(s) - schedule.alpha(t)) / schedule.mask_prob(t)
+  """Probability that a token masked at time t is revealed by time s < t.
+
+  (alpha_s - alpha_t) / (1 - alpha_t), written as 1 - (1 - alpha_s) / (1 - alpha_t) so that it is
+  exactly 1 at s = 0 in floating point.
+  """
+  return 1.0 - process.schedule.mask_prob(s) / process.schedule.mask_prob(t)
+
+
+def reverse_step(process: MaskedDiffusion, canvas_BL: jax.Array, candidates_BL: jax.Array,
+                 t: jax.Array, s: jax.Array, reveal_u_BL: jax.Array) -> jax.Array:
+  """The exact ancestral step x_t -> x_s (MDLM): each masked token is revealed with probability
+  `unmask_prob(t, s)`, as its candidate drawn from p(x_0 | x_t); clean tokens stay.
+
+  Args:
+    process: the masked process.
+    canvas_BL: x_t, int32[B, L].
+    candidates_BL: draws from p(x_0 | x_t) at every position, int32[B, L].
+    t, s: the step's start and end times, s < t.
+    reveal_u_BL: uniforms in [0, 1), float32[B, L].
+  """
+  reveal_BL = (canvas_BL == process.mask_id) & (reveal_u_BL < unmask_prob(process, t, s))
+  return jnp.where(reveal_BL, candidates_BL, canvas_BL)
 
 
 def initial_canvas(process: MaskedDiffusion, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array,
