@@ -31,6 +31,7 @@ class ElboResult:
     bits_per_sequence: float64[N], each sequence's NELBO in bits.
     reference_bits_per_token: the data generator's exact NLL of the same documents (embedded
       corpus only), in bits per token with the same divisor; None when unknown.
+    reference_bits_per_document: the same NLL, in mean bits per document.
   """
   bits_per_token: float
   stderr: float
@@ -39,6 +40,7 @@ class ElboResult:
   num_samples: int
   bits_per_sequence: np.ndarray
   reference_bits_per_token: float | None = None
+  reference_bits_per_document: float | None = None
 
   def summary(self) -> dict[str, Any]:
     summary = {"bits_per_token": self.bits_per_token, "bits_per_token_stderr": self.stderr,
@@ -46,6 +48,8 @@ class ElboResult:
                "elbo_samples": self.num_samples}
     if self.reference_bits_per_token is not None:
       summary["generator_bits_per_token"] = self.reference_bits_per_token
+      summary["bits_per_document"] = float(self.bits_per_sequence.mean())
+      summary["generator_bits_per_document"] = self.reference_bits_per_document
     return summary
 
   def describe(self) -> str:
@@ -53,7 +57,9 @@ class ElboResult:
             f"({self.num_sequences} sequences, {self.num_tokens} tokens, {self.num_samples} draws of t each)")
     if self.reference_bits_per_token is not None:
       text += (f"\ngenerator's exact NLL of the same documents: {self.reference_bits_per_token:.4f} bits/token"
-               f" (gap {self.bits_per_token - self.reference_bits_per_token:+.4f})")
+               f" (gap {self.bits_per_token - self.reference_bits_per_token:+.4f})"
+               f"\nper document: NELBO {self.bits_per_sequence.mean():.2f} bits, generator's exact NLL "
+               f"{self.reference_bits_per_document:.2f} bits")
     return text
 
 
@@ -112,5 +118,6 @@ def held_out_elbo(nelbo_fn: NelboFn, params: Any, data, *, num_samples: int, bat
                 batch_size=batch_size, seed=seed, batch_sharding=batch_sharding)
   if log_probs_N is None:
     return result
-  reference = -np.sum(log_probs_N) / LN2 / result.num_tokens
-  return dataclasses.replace(result, reference_bits_per_token=float(reference))
+  reference_bits_N = -log_probs_N / LN2
+  return dataclasses.replace(result, reference_bits_per_token=float(reference_bits_N.sum() / result.num_tokens),
+                             reference_bits_per_document=float(reference_bits_N.mean()))

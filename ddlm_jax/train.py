@@ -31,6 +31,7 @@ from ddlm_jax import schedules
 from ddlm_jax import sharding
 from ddlm_jax.data import datasets
 from ddlm_jax.data import batching
+from ddlm_jax.data import corpus
 from ddlm_jax.networks import transformer
 from ddlm_jax.processes import masked
 
@@ -265,6 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   result = evaluate_params(eval_params)
   if jax.process_index() == 0:
     print(result.describe(), flush=True)
+    if experiment.data.source == "embedded":
+      print(f"the generator's exact entropy: {corpus.default_corpus().entropy_bits():.2f} bits per document",
+            flush=True)
   summary = {"step": final_step, "tokens_per_second": tokens_per_second, **result.summary()}
   return summary
 

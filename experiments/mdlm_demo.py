@@ -10,10 +10,10 @@ from ddlm_jax import config as config_lib
 
 def get_config():
   config = config_lib.base_config()
-  config.data.update(num_train_docs=50_000, num_eval_docs=500, vocab_size=1024, seq_len=128)
+  config.data.update(num_train_docs=50_000, num_eval_docs=500, vocab_size=2048, seq_len=64)
   config.model.update(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512)
-  config.train.update(batch_size=32, num_steps=3_000, time_limit_minutes=6.0, learning_rate=2e-3,
-                      warmup_steps=100, log_every=25, eval_every=1_000, checkpoint_every=250)
+  config.train.update(batch_size=64, num_steps=700, time_limit_minutes=7.0, learning_rate=3e-3,
+                      warmup_steps=50, log_every=25, eval_every=10_000, checkpoint_every=200)
   config.eval.update(batch_size=100, elbo_samples=8, max_docs=500)
-  config.sample.update(num_samples=6, steps=64, strategy="low_confidence", temperature=1.0)
+  config.sample.update(num_samples=6, steps=64, strategy="ancestral", temperature=1.0)
   return config
