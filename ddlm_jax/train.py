@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -202,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   key = jax.random.key(config.seed)
-  nelbo_fn = make_nelbo_fn(graphdef, experiment.process)
+  nelbo_fn = make_nelbo_fn(graphdef, experiment.process, mesh)
   evaluate_params = functools.partial(
       evaluate.held_out_elbo, nelbo_fn, data=data, num_samples=config.eval.elbo_samples,
       batch_size=config.eval.batch_size, max_rows=config.eval.max_docs, seed=config.seed,
@@ -212,7 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoint.save(manager, step, state, batches.get_state(), identity, config.to_dict())
 
   stop = _StopRequest()
-  previous_handler = signal.signal(signal.SIGTERM, stop)
+  in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
+  previous_handler = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
   writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   start_step = int(state.step)
   tokens_per_step = train_cfg.batch_size * experiment.data.seq_len
@@ -256,7 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       save(final_step)
   finally:
     progress.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous_handler)
     if writer:
       writer.close()
   if stop.requested:
@@ -273,14 +276,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def make_nelbo_fn(graphdef: nnx.GraphDef, process: masked.MaskedDiffusion) -> evaluate.NelboFn:
+def make_nelbo_fn(graphdef: nnx.GraphDef, process: masked.MaskedDiffusion,
+                  mesh: jax.sharding.Mesh | None = None) -> evaluate.NelboFn:
   """Jitted (params, rows_BL, key) -> NELBO nats_B of the network.
 
   Times are drawn independently per row (not stratified over the batch), so rows are independent
-  and `evaluate.elbo`'s standard error is valid.
+  and `evaluate.elbo`'s standard error is valid. On a mesh the result is replicated, so every
+  process can read it.
   """
   independent = dataclasses.replace(process, antithetic_time=False)
-  return jax.jit(lambda params, rows_BL, key: masked.nelbo(independent, bind(graphdef, params), rows_BL, key).nats_B)
+  out_shardings = None if mesh is None else sharding.replicated(mesh)
+  return jax.jit(lambda params, rows_BL, key: masked.nelbo(independent, bind(graphdef, params), rows_BL, key).nats_B,
+                 out_shardings=out_shardings)
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
