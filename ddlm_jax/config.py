@@ -84,7 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.process.name not in PROCESSES:
     raise ValueError(f"config.process.name={config.process.name!r} is not one of {PROCESSES}")
   checks = {
-      "config.data": lambda: datasets.DataConfig(**{**config.data.to_dict(), "paths": tuple(config.data.paths)}),
+      "config.data": lambda: data_config(config),
       "config.model": lambda: transformer.TransformerConfig(vocab_size=8, max_len=config.data.seq_len,
                                                            **config.model.to_dict()),
       "config.process": lambda: schedules.Schedule(config.process.schedule, config.process.schedule_eps),
@@ -111,6 +111,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.eval.elbo_samples must be >= 2 (for a standard error), got {config.eval.elbo_samples}")
   if not 0.0 <= config.train.ema_decay < 1.0:
     raise ValueError(f"config.train.ema_decay must lie in [0, 1), got {config.train.ema_decay}")
+
+
+def data_config(config: ml_collections.ConfigDict) -> datasets.DataConfig:
+  """The frozen data settings of a config."""
+  return datasets.DataConfig(**{**config.data.to_dict(), "paths": tuple(config.data.paths)})
 
 
 def run_identity(config: ml_collections.ConfigDict) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from ddlm_jax import checkpoint
+from ddlm_jax import config as config_lib
 from ddlm_jax import evaluate
 from ddlm_jax import samplers
 from ddlm_jax import sharding
@@ -121,7 +122,7 @@ class Pipeline:
 
   def evaluate(self, workdir: str, num_samples: int | None = None, seed: int = 0) -> evaluate.ElboResult:
     """Held-out ELBO on the eval split of the run's data (with the generator's NLL where known)."""
-    data = datasets.load_data(train.data_config(self.config), workdir)
+    data = datasets.load_data(config_lib.data_config(self.config), workdir)
     eval_config = self.config.eval
     return evaluate.held_out_elbo(self._nelbo_fn, self.params, data,
                                   num_samples=num_samples or eval_config.elbo_samples,

@@ -59,13 +59,9 @@ class Experiment:
   process: masked.MaskedDiffusion
 
 
-def data_config(config: ml_collections.ConfigDict) -> datasets.DataConfig:
-  return datasets.DataConfig(**{**config.data.to_dict(), "paths": tuple(config.data.paths)})
-
-
 def make_experiment(config: ml_collections.ConfigDict, vocab_size: int, mask_id: int) -> Experiment:
   """Frozen settings from a validated config and the tokenizer's vocabulary."""
-  data = data_config(config)
+  data = config_lib.data_config(config)
   padded_vocab_size = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
   model = transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=data.seq_len,
                                         **config.model.to_dict())
@@ -149,6 +145,7 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, param_shardings)
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (an orbax restore target)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
@@ -181,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     saved = checkpoint.read_json_items(checkpoint.make_manager(workdir, read_only=True), latest)
     checkpoint.check_identity(saved["identity"], identity, workdir)
 
-  data = datasets.load_data(data_config(config), workdir)
+  data = datasets.load_data(config_lib.data_config(config), workdir)
   check_eval_rows(data, config)
   manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
   tokenizer = data.tokenizer

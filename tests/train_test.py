@@ -67,7 +67,7 @@ def test_held_out_elbo_is_a_bound_on_the_generator_nll(trained_workdir):
 
 def test_loss_falls_within_a_few_dozen_steps(tmp_path):
   config = tiny_config()
-  data = datasets.load_data(train.data_config(config), str(tmp_path))
+  data = datasets.load_data(config_lib.data_config(config), str(tmp_path))
   experiment = train.make_experiment(config, data.tokenizer.vocab_size, data.tokenizer.mask_id)
   mesh = one_device_mesh()
   optimizer = train.make_optimizer(config.train)
@@ -130,7 +130,7 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
 def test_train_steps_are_the_same_on_every_mesh(tmp_path, mesh_shape):
   config = tiny_config(warmup_steps=1)  # the first step has learning rate 0, the second does not
-  data = datasets.load_data(train.data_config(config), str(tmp_path))
+  data = datasets.load_data(config_lib.data_config(config), str(tmp_path))
   experiment = train.make_experiment(config, data.tokenizer.vocab_size, data.tokenizer.mask_id)
   optimizer = train.make_optimizer(config.train)
   batches = [data.train_rows[:16], data.train_rows[16:32]]
