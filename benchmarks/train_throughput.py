@@ -10,8 +10,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
-import ml_collections
 
 from benchmarks import common
 from ddlm_jax import config as config_lib

@@ -122,14 +122,16 @@ def abstract_state(experiment: Experiment, config: ml_collections.ConfigDict, me
 
 def init_state(experiment: Experiment, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-  """(graphdef, a fresh train state created in its sharded layout, shardings)."""
+  """(graphdef, a fresh train state created directly in its sharded layout, shardings)."""
   graphdef, _, shardings = abstract_state(experiment, config, mesh, optimizer)
-  _, params = sharding.create_sharded_model(experiment.model, mesh, sharding.DEFAULT_RULES, config.seed)
-  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  ema_params = jax.tree.map(jnp.copy, params) if config.train.ema_decay > 0 else None
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-                     opt_state=opt_state, ema_params=ema_params)
-  return graphdef, state, shardings
+
+  def init():
+    model = transformer.Transformer(experiment.model, rngs=nnx.Rngs(config.seed))
+    params = nnx.split(model, nnx.Param)[1]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      ema_params=params if config.train.ema_decay > 0 else None)
+
+  return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
 
 
 def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, param_shardings) -> TrainState:

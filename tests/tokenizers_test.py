@@ -1,7 +1,6 @@
 """Tests for ddlm_jax.data.tokenizers: round trips, special ids, determinism, caching."""
 import os
 import pathlib
-import string
 
 import pytest
 
