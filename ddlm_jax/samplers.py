@@ -12,7 +12,8 @@ Every strategy draws its candidates with the same `draw_tokens`.
 Fixed positions (prompts, infilling constraints, padding) are never changed. Randomness is per
 row: row r at step i uses fold_in(fold_in(key, row_ids[r]), i), so a row's sample does not depend
 on the batch it was drawn in. Tokens are sampled by inverse CDF with one uniform per position
-instead of V Gumbel draws per position.
+instead of V Gumbel draws per position; with semi-autoregressive blocks only the current block's
+positions pay for the softmax and the draw.
 """
 import dataclasses
 
@@ -141,19 +142,30 @@ def sampler_step(model_fn: masked.ModelFn, process: masked.MaskedDiffusion, conf
   uniforms_B2L = jax.vmap(lambda k: jax.random.uniform(k, (2, length)))(step_keys_B)
   token_u_BL, choice_u_BL = uniforms_B2L[:, 0], uniforms_B2L[:, 1]
 
-  log_probs_BLV = masked.x0_log_probs(process, model_fn(canvas_BL, jnp.full((batch_size,), t)))
-  candidates_BL = draw_tokens(log_probs_BLV, token_u_BL, config.temperature)
+  logits_BLW = model_fn(canvas_BL, jnp.full((batch_size,), t))
   if config.strategy == "ancestral":
+    candidates_BL = draw_tokens(masked.x0_log_probs(process, logits_BLW), token_u_BL, config.temperature)
     return masked.reverse_step(process, canvas_BL, candidates_BL, t, s, choice_u_BL)
 
-  active_BL = (canvas_BL == process.mask_id) & (plan.block_BL == plan.block_of_step_BS[:, step, None])
-  if config.strategy == "random":
-    scores_BL = choice_u_BL
+  in_block_BL = plan.block_BL == plan.block_of_step_BS[:, step, None]
+  if config.block_length:  # only the current block's C = block_length positions pay for the sampling maths
+    positions_BC = jnp.argsort(~in_block_BL, axis=1, stable=True)[:, :config.block_length]
+    gather = lambda x_BL: jax.vmap(lambda row, positions: row[positions])(x_BL, positions_BC)
+    scatter = lambda x_BL, x_BC: jax.vmap(lambda row, positions, values: row.at[positions].set(values))(
+        x_BL, positions_BC, x_BC)
   else:
-    scores_BL = jnp.take_along_axis(log_probs_BLV, candidates_BL[..., None], axis=-1)[..., 0]
-  scores_BL = jnp.where(active_BL, scores_BL, -jnp.inf)
-  reveal_BL = active_BL & top_k_mask(scores_BL, plan.reveal_counts_BS[:, step])
-  return jnp.where(reveal_BL, candidates_BL, canvas_BL)
+    gather, scatter = (lambda x_BL: x_BL), (lambda x_BL, x_BC: x_BC)
+  canvas_BC = gather(canvas_BL)
+  log_probs_BCV = masked.x0_log_probs(process, gather(logits_BLW))
+  candidates_BC = draw_tokens(log_probs_BCV, gather(token_u_BL), config.temperature)
+  active_BC = (canvas_BC == process.mask_id) & gather(in_block_BL)
+  if config.strategy == "random":
+    scores_BC = gather(choice_u_BL)
+  else:
+    scores_BC = jnp.take_along_axis(log_probs_BCV, candidates_BC[..., None], axis=-1)[..., 0]
+  scores_BC = jnp.where(active_BC, scores_BC, -jnp.inf)
+  reveal_BC = active_BC & top_k_mask(scores_BC, plan.reveal_counts_BS[:, step])
+  return scatter(canvas_BL, jnp.where(reveal_BC, candidates_BC, canvas_BC))
 
 
 def pad_after_eos(tokens_BL: jax.Array, fixed_BL: jax.Array, eos_id: int, pad_id: int) -> jax.Array:

@@ -169,3 +169,14 @@ def test_bad_sampler_settings_are_rejected():
     samplers.SamplerConfig(strategy="greedy")
   with pytest.raises(ValueError, match="fewer than"):
     samplers.SamplerConfig(steps=3, block_length=4).max_blocks(16)
+
+
+@pytest.mark.parametrize("strategy", ["random", "low_confidence"])
+def test_gathering_the_block_changes_nothing_but_the_cost(strategy):
+  """One block as long as the canvas takes the gathered path; no blocks takes the plain one."""
+  tokens_BL, fixed_BL = prompts(3, 16, [0, 3, 9])
+  outputs = [samplers.sample(random_logits_model(5), PROCESS,
+                             samplers.SamplerConfig(steps=8, strategy=strategy, block_length=block_length),
+                             tokens_BL, fixed_BL, jax.random.key(6))
+             for block_length in (0, 16)]
+  np.testing.assert_array_equal(outputs[0], outputs[1])

@@ -1,8 +1,10 @@
 """End to end on a tiny config: training, resuming, sharding, checkpoints, the pipeline API."""
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -269,3 +271,22 @@ def test_empty_or_binary_corpus_fails_clearly_and_writes_nothing(tmp_path, conte
     train.train_and_evaluate(config, str(workdir))
   assert not os.path.exists(checkpoint.checkpoint_dir(str(workdir)))
   assert not os.path.exists(workdir / "tokenizer")
+
+
+def test_sigkilled_launcher_resumes_with_the_same_command(tmp_path):
+  workdir = str(tmp_path / "run")
+  command = [sys.executable, "-m", "ddlm_jax.main", "--config=experiments/mdlm_tiny.py", f"--workdir={workdir}",
+             "--config.train.num_steps=60", "--config.train.checkpoint_every=10"]
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while (checkpoint.latest_step(workdir) or 0) < 10 and process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = checkpoint.latest_step(workdir)
+  assert killed_at is not None and killed_at < 60
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"Resumed from step {killed_at}" in result.stdout
+  with open(os.path.join(workdir, "train_summary.json")) as f:
+    assert json.load(f)["step"] == 60
