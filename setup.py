@@ -21,6 +21,7 @@ setuptools.setup(
         "numpy",
         "tensorboardX>=2.6",
         "tqdm",
+        "sacrebleu>=2.4",  # BLEU for seq2seq (maintained reference implementation)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist"],

@@ -12,14 +12,16 @@ from ddlm_jax import sharding
 from ddlm_jax.data import datasets
 from ddlm_jax.networks import transformer
 from ddlm_jax.processes import d3pm
+from ddlm_jax.processes import gaussian
 
-PROCESSES = ("masked", "uniform", "d3pm", "autoregressive")
+PROCESSES = ("masked", "uniform", "d3pm", "gaussian", "autoregressive")
 # The process settings each family reads (the rest of config.process is ignored by it).
 _DIFFUSION_KEYS = ("schedule", "schedule_eps", "antithetic_time")
 PROCESS_KEYS = {
     "masked": _DIFFUSION_KEYS,
     "uniform": _DIFFUSION_KEYS,
     "d3pm": _DIFFUSION_KEYS + ("transition", "num_steps", "hybrid_coeff", "num_neighbors", "neighbor_embed_dim"),
+    "gaussian": ("schedule", "antithetic_time", "num_steps", "latent_dim"),
     "autoregressive": (),
 }
 
@@ -45,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_eval_docs=1_000,
       validation_fraction=0.05,  # local text files only
       seed=0,
+      task="lm",                 # 'lm' | 'data_to_text' | 'text_to_data' (embedded corpus pairs)
+      record_attributes=(),      # pair tasks: the record's attributes; empty: all a document mentions
   ))
 
   config.model = ml_collections.ConfigDict(dict(
@@ -54,11 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.process = ml_collections.ConfigDict(dict(
       name="masked",             # one of PROCESSES
-      schedule="linear",         # alpha(t) of the diffusion families: 'linear' | 'cosine' | 'loglinear'
+      schedule="linear",         # alpha(t) of the discrete families: 'linear' | 'cosine' | 'loglinear';
+                                 # abar(t) of 'gaussian': 'sqrt' | 'cosine'
       schedule_eps=1e-3,         # alpha(1) of 'loglinear'
       antithetic_time=True,      # stratified times over a batch
       transition="absorbing",    # d3pm: 'uniform' | 'absorbing' | 'nearest_neighbor'
-      num_steps=1000,            # d3pm: T
+      num_steps=1000,            # d3pm, gaussian: T of the discrete-time bound
+      latent_dim=16,             # gaussian: size of the diffused token embeddings
       hybrid_coeff=0.01,         # d3pm: lambda of the hybrid loss VLB + lambda * CE
       num_neighbors=8,           # d3pm 'nearest_neighbor': graph degree over token embeddings
       neighbor_embed_dim=32,     # d3pm 'nearest_neighbor': co-occurrence embedding size
@@ -75,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.98,
       grad_clip_norm=1.0,
       ema_decay=0.0,             # 0 disables the EMA of parameters
+      condition_dropout=0.0,     # pair tasks: share of rows trained without their source (for CFG)
       log_every=50,
       eval_every=500,
       checkpoint_every=500,
@@ -92,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_samples=8, steps=64, strategy="ancestral", temperature=1.0, block_length=0,
       top_k=config_dict.placeholder(int),  # None: no top-k limit
       top_p=1.0,
+      eta=0.0,                   # gaussian, strategy 'ddim': noise scale (0: deterministic)
+      clamp=False,               # gaussian: snap the predicted x_0 to the nearest embedding each step
+      guidance_scale=1.0,        # classifier-free guidance (pair tasks): 0 unconditional, 1 conditional
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -107,11 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval.exact_time_sum and config.process.name != "d3pm":
     raise ValueError("config.eval.exact_time_sum sums the steps of a discrete-time bound: it needs "
                      f"process 'd3pm', not {config.process.name!r}")
-  absorbing = config.process.name == "masked" or (
-      config.process.name == "d3pm" and config.process.transition == "absorbing")
-  if config.sample.strategy != "ancestral" and not absorbing and config.process.name != "autoregressive":
-    raise ValueError(f"config.sample.strategy={config.sample.strategy!r} reveals [MASK]ed positions; "
-                     f"process {config.process.name!r} has no [MASK] state, use 'ancestral'")
+  _check_family_settings(config)
   checks = {
       "config.data": lambda: data_config(config),
       "config.model": lambda: transformer.TransformerConfig(vocab_size=8, max_len=config.data.seq_len,
@@ -140,8 +146,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.train.ema_decay must lie in [0, 1), got {config.train.ema_decay}")
 
 
+def _check_family_settings(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for sampler, model and training settings the process cannot use."""
+  name, strategy = config.process.name, config.sample.strategy
+  absorbing = name == "masked" or (name == "d3pm" and config.process.transition == "absorbing")
+  if name == "gaussian":
+    if strategy not in samplers.EMBEDDING_STRATEGIES:
+      raise ValueError(f"config.sample.strategy={strategy!r} reveals tokens; process 'gaussian' takes "
+                       "'ancestral' (DDPM) or 'ddim'")
+    if not config.model.time_conditioning:
+      raise ValueError("process 'gaussian' needs config.model.time_conditioning=True")
+  elif config.sample.clamp or strategy == "ddim":
+    raise ValueError("config.sample.clamp and strategy 'ddim' need process 'gaussian'")
+  elif strategy != "ancestral" and not absorbing and name != "autoregressive":
+    raise ValueError(f"config.sample.strategy={strategy!r} reveals [MASK]ed positions; "
+                     f"process {name!r} has no [MASK] state, use 'ancestral'")
+  pairs = config.data.task != "lm"
+  if not 0.0 <= config.train.condition_dropout < 1.0:
+    raise ValueError(f"config.train.condition_dropout must lie in [0, 1), got {config.train.condition_dropout}")
+  if config.train.condition_dropout and not pairs:
+    raise ValueError("config.train.condition_dropout drops a pair's source: it needs a pair task "
+                     "(config.data.task 'data_to_text' or 'text_to_data')")
+  if config.sample.guidance_scale != 1.0 and (not pairs or name == "autoregressive"):
+    raise ValueError("config.sample.guidance_scale (classifier-free guidance) needs a diffusion process "
+                     "trained on a pair task")
+
+
 def check_process(process: ml_collections.ConfigDict) -> None:
-  """Raises ValueError if the process settings cannot make a process."""
+  """Raises ValueError if the process settings the family reads cannot make a process."""
+  if process.name == "autoregressive":
+    return
+  if process.name == "gaussian":
+    gaussian.NoiseSchedule(process.schedule)
+    if min(process.latent_dim, process.num_steps) < 1:
+      raise ValueError("latent_dim and num_steps must be >= 1")
+    return
   schedules.Schedule(process.schedule, process.schedule_eps)
   if process.name == "d3pm":
     if process.transition not in d3pm.TRANSITIONS:
@@ -171,13 +210,17 @@ def run_identity(config: ml_collections.ConfigDict) -> dict:
   the data order or the random keys. Step counts, logging, evaluation and sampling may change."""
   return {"seed": config.seed, "data": config.data.to_dict(), "model": config.model.to_dict(),
           "process": _process_identity(config.process.to_dict()), "train.batch_size": config.train.batch_size,
-          "train.ema_decay": config.train.ema_decay}
+          "train.ema_decay": config.train.ema_decay, "train.condition_dropout": config.train.condition_dropout}
 
 
 def saved_run_identity(identity: dict) -> dict:
   """A run identity read from a checkpoint, reduced to what `run_identity` compares today (older
-  versions saved every process setting, also those the family does not read)."""
-  return {**identity, "process": _process_identity(identity["process"])}
+  versions saved every process setting, also those the family does not read, and lack the data
+  and training keys added since, which take their defaults)."""
+  defaults = run_identity(base_config())
+  return {**identity, "process": _process_identity(identity["process"]),
+          "data": {**defaults["data"], **identity["data"]},
+          "train.condition_dropout": identity.get("train.condition_dropout", 0.0)}
 
 
 def _process_identity(process: dict) -> dict:

@@ -13,14 +13,19 @@ Samples are judged by their generative perplexity under a trained autoregressive
 beside their unigram entropy (repetitive, degenerate samples reach a low perplexity at a low
 entropy), and on the embedded corpus by the generator itself: the share of samples it can parse
 and its exact NLL of those.
+
+Sequence-to-sequence outputs are judged against their references by corpus BLEU (sacrebleu) and,
+for text-to-data, by how many attributes of the true record they recover. `mbr_select` picks
+one output of several drawn for the same source, by minimum Bayes risk (as DiffuSeq does).
 """
 import collections
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+import sacrebleu
 
 LN2 = float(np.log(2.0))
 
@@ -212,3 +217,51 @@ def sample_quality(texts: Sequence[str], encode: Callable[[str], list[int]], *, 
         quality, well_formed_fraction=len(well_formed) / len(texts),
         generator_bits_per_document=-float(np.mean(well_formed)) / LN2 if well_formed else None)
   return quality
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+  """Corpus BLEU in [0, 100] of each hypothesis against its one reference (sacrebleu's defaults)."""
+  if len(hypotheses) != len(references) or not hypotheses:
+    raise ValueError(f"need as many hypotheses as references, at least one; got {len(hypotheses)} "
+                     f"and {len(references)}")
+  return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+
+
+def mbr_select(candidates: Sequence[str]) -> int:
+  """Index of the minimum-Bayes-risk candidate among outputs for one source (DiffuSeq's MBR).
+
+  Each candidate's utility is its mean sentence BLEU against the other candidates, smoothed
+  ('exp', effective order) so that short texts do not all score 0; the most central one wins,
+  the lowest index among ties. One candidate gives 0.
+  """
+  if not candidates:
+    raise ValueError("no candidates to choose from")
+  metric = sacrebleu.metrics.BLEU(effective_order=True)
+  utilities = [sum(metric.sentence_score(candidate, [other]).score
+                   for j, other in enumerate(candidates) if j != i)
+               for i, candidate in enumerate(candidates)]
+  return int(np.argmax(utilities))  # The first maximum; the mean's divisor is the same for all.
+
+
+def attribute_accuracy(predicted: Sequence[Mapping[str, str] | None],
+                       truth: Sequence[Mapping[str, str]]) -> dict[str, float]:
+  """How well predicted records (None: not well formed) match the true ones.
+
+  Returns:
+    'exact_match': share of rows whose prediction equals the true record exactly.
+    'attribute_accuracy': share of the true (row, attribute, value) triples the predictions
+      recover; a None prediction recovers none of its row's.
+    'well_formed': share of predictions that are not None.
+  """
+  if len(predicted) != len(truth) or not truth:
+    raise ValueError(f"need as many predictions as true records, at least one; got "
+                     f"{len(predicted)} and {len(truth)}")
+  recovered = sum(prediction is not None and prediction.get(attribute) == value
+                  for prediction, record in zip(predicted, truth) for attribute, value in record.items())
+  num_attributes = sum(len(record) for record in truth)
+  return {
+      "exact_match": sum(prediction is not None and dict(prediction) == dict(record)
+                         for prediction, record in zip(predicted, truth)) / len(truth),
+      "attribute_accuracy": recovered / num_attributes if num_attributes else math.nan,
+      "well_formed": sum(prediction is not None for prediction in predicted) / len(truth),
+  }

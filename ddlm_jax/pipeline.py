@@ -1,7 +1,7 @@
-"""The user-facing model: `ddlm_jax.load(workdir)` -> Pipeline with generate() and score()."""
+"""The user-facing model: `ddlm_jax.load(workdir)` -> Pipeline with generate(), translate() and score()."""
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,7 @@ from flax import nnx
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
 from ddlm_jax import evaluate
+from ddlm_jax import guidance
 from ddlm_jax import samplers
 from ddlm_jax import sharding
 from ddlm_jax import train
@@ -40,43 +41,74 @@ class Pipeline:
   config: ml_collections.ConfigDict
 
   def __post_init__(self):
-    self._nelbo_fn = train.make_nelbo_fn(self.graphdef, self.process)
+    self._pairs = self.config.data.task != "lm"
+    self._nelbo_fn = train.make_nelbo_fn(self.graphdef, self.process, pairs=self._pairs)
     self._samplers = {}
 
-  def _sampler(self, sampler_config: samplers.SamplerConfig, prefill_length: int = 0):
+  def _sampler(self, sampler_config: samplers.SamplerConfig, prefill_length: int, pad_after_eos: bool,
+               guide_fn: guidance.GuideFn | None):
     """The jitted sampler of one configuration (compiled once per batch and length): the scan
     sampler of a diffusion process, KV-cache decoding (after a prefill of the rows' common
     prompt prefix) for the autoregressive baseline."""
-    name = (sampler_config, prefill_length)
+    name = (sampler_config, prefill_length, pad_after_eos, guide_fn)
     if name in self._samplers:
       return self._samplers[name]
-    special_ids = dict(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+    special_ids = dict(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id) if pad_after_eos else {}
 
-    def run(params, fixed_tokens_BL, fixed_BL, key, row_ids_B):
+    def run(params, fixed_tokens_BL, fixed_BL, condition_BL, key, row_ids_B):
       if self.process.causal_network:
         cache, step_fn = transformer.make_decoder(self.graphdef, params, *fixed_BL.shape)
         return samplers.decode(step_fn, cache, self.process, sampler_config, fixed_tokens_BL, fixed_BL, key,
                                row_ids_B, prefill_length=prefill_length, **special_ids)
       return samplers.sample(train.bind(self.graphdef, params), self.process, sampler_config,
-                             fixed_tokens_BL, fixed_BL, key, row_ids_B, **special_ids)
+                             fixed_tokens_BL, fixed_BL, key, row_ids_B, condition_BL=condition_BL,
+                             null_id=self.tokenizer.pad_id, guide_fn=guide_fn, **special_ids)
     self._samplers[name] = jax.jit(run)
     return self._samplers[name]
 
+  def _run(self, fixed_tokens_NL: np.ndarray, fixed_NL: np.ndarray, condition_NL: np.ndarray,
+           sampler_config: samplers.SamplerConfig, seed: int, batch_size: int, pad_after_eos: bool,
+           guide_fn: guidance.GuideFn | None = None, row_ids_N: np.ndarray | None = None) -> np.ndarray:
+    """Sampled canvases int32[N, L], in batches; row n's randomness depends only on (seed, row_ids[n])."""
+    num_rows = len(fixed_NL)
+    row_ids_N = np.arange(num_rows) if row_ids_N is None else row_ids_N
+    key = jax.random.key(seed)
+    batch_size = min(batch_size, 1 << (num_rows - 1).bit_length())  # few shapes, little padding
+    tokens = []
+    for start in range(0, num_rows, batch_size):
+      rows = np.arange(start, min(start + batch_size, num_rows))
+      padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+      prefill_length = samplers.fixed_prefix_length(fixed_NL[padded]) if self.process.causal_network else 0
+      prefill_length = 1 << (prefill_length.bit_length() - 1) if prefill_length else 0  # few compilations
+      run = self._sampler(sampler_config, prefill_length, pad_after_eos, guide_fn)
+      tokens_BL = run(self.params, fixed_tokens_NL[padded], fixed_NL[padded], condition_NL[padded], key,
+                      jnp.asarray(row_ids_N[padded]))
+      tokens.append(np.asarray(tokens_BL)[:len(rows)])
+    return np.concatenate(tokens)
+
+  def _sampler_config(self, settings: dict) -> samplers.SamplerConfig:
+    """The run's `config.sample` settings with the given ones on top."""
+    return config_lib.sampler_config(self.config, **settings)
+
   def generate(self, prompts: Sequence[str] | None = None, *, num_samples: int | None = None,
-               length: int | None = None, steps: int = 64, strategy: str = "ancestral",
-               temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-               block_length: int = 0, seed: int = 0, batch_size: int = 64) -> list[str]:
-    """Samples texts, unconditionally or continuing each prompt.
+               length: int | None = None, constraints: Sequence[Mapping[int, str]] | None = None,
+               seed: int = 0, batch_size: int = 64, guide_fn: guidance.GuideFn | None = None,
+               **settings) -> list[str]:
+    """Samples texts: from scratch, continuing prompts, and/or with tokens fixed anywhere (infilling).
 
     Args:
       prompts: texts whose tokens are fixed at the start of the canvas; None samples
-        `num_samples` texts from scratch.
+        `num_samples` texts (or one per constraint) from scratch.
       num_samples: number of unconditional samples (default: the config's sample.num_samples).
       length: canvas length in tokens, prompt included (default and maximum: the training length).
-      steps, strategy, temperature, top_k, top_p, block_length: sampler settings (see
-        `samplers.SamplerConfig`; the autoregressive baseline uses only temperature, top_k, top_p).
+      constraints: per text, {token position: text}: the text's tokens are fixed from that
+        position on (e.g. {4: " blue"}); fixed tokens are never changed.
       seed: the i-th text's randomness depends only on (seed, i), not on the batch it lands in.
       batch_size: rows per sampler call.
+      guide_fn: classifier guidance for the Gaussian family (`guidance.classifier_guidance`).
+      **settings: sampler settings over the run's `config.sample` (steps, strategy, temperature,
+        top_k, top_p, block_length, eta, clamp; see `samplers.SamplerConfig`; the autoregressive
+        baseline uses only temperature, top_k and top_p).
 
     Returns:
       The decoded texts (prompt included), up to their first [EOS].
@@ -84,35 +116,75 @@ class Pipeline:
     length = self.seq_len if length is None else length
     if not 1 <= length <= self.seq_len:
       raise ValueError(f"length must lie in [1, {self.seq_len}] (the model's training length), got {length}")
-    if prompts is None:
-      prompts = [""] * (self.config.sample.num_samples if num_samples is None else num_samples)
-    sampler_config = samplers.SamplerConfig(steps=steps, strategy=strategy, temperature=temperature,
-                                            top_k=top_k, top_p=top_p, block_length=block_length)
-    fixed_tokens_NL, fixed_NL = self._prompt_canvas(prompts, length)
-    key = jax.random.key(seed)
-    batch_size = min(batch_size, 1 << (len(prompts) - 1).bit_length())  # few shapes, little padding
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-      rows = np.arange(start, min(start + batch_size, len(prompts)))
-      padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
-      prefill_length = samplers.fixed_prefix_length(fixed_NL[padded]) if self.process.causal_network else 0
-      prefill_length = 1 << (prefill_length.bit_length() - 1) if prefill_length else 0  # few compilations
-      run = self._sampler(sampler_config, prefill_length)
-      tokens_BL = run(self.params, fixed_tokens_NL[padded], fixed_NL[padded], key, jnp.asarray(padded))
-      texts += [self.tokenizer.decode(row) for row in np.asarray(tokens_BL)[:len(rows)].tolist()]
-    return texts
+    num_texts = (len(prompts) if prompts is not None else len(constraints) if constraints is not None
+                 else self.config.sample.num_samples if num_samples is None else num_samples)
+    prompts = [""] * num_texts if prompts is None else list(prompts)
+    constraints = [{}] * num_texts if constraints is None else list(constraints)
+    if len(constraints) != num_texts:
+      raise ValueError(f"{len(constraints)} constraints for {num_texts} texts")
+    settings.pop("num_samples", None)  # `config.sample` passed whole
+    fixed_tokens_NL, fixed_NL = self._canvas(prompts, constraints, length)
+    tokens_NL = self._run(fixed_tokens_NL, fixed_NL, np.zeros_like(fixed_NL), self._sampler_config(settings),
+                          seed, batch_size, pad_after_eos=True, guide_fn=guide_fn)
+    return [self.tokenizer.decode(row) for row in tokens_NL.tolist()]
 
-  def _prompt_canvas(self, prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fixed tokens int32[N, L], fixed bool[N, L]) with each prompt at the start of its row."""
+  def translate(self, sources: Sequence[str], *, num_candidates: int = 1, seed: int = 0,
+                batch_size: int = 64, **settings) -> list[str]:
+    """The target of each source, for a model trained on a pair task (DiffuSeq-style seq2seq).
+
+    The canvas is [source tokens, EOS, target...]: the source stays fixed (clean, for the Gaussian
+    family) and the target is generated. With `num_candidates` > 1 each source gets that many
+    samples and the minimum-Bayes-risk one is returned (`evaluate.mbr_select`, DiffuSeq's decoding).
+
+    Args:
+      sources: source texts (serialised records for 'data_to_text', texts for 'text_to_data').
+      num_candidates: samples per source for MBR.
+      seed, batch_size: as in `generate`.
+      **settings: sampler settings over the run's `config.sample`, including guidance_scale
+        (classifier-free guidance with the source as the condition).
+    """
+    if not self._pairs:
+      raise ValueError("translate needs a model trained on a pair task (config.data.task), "
+                       f"this one was trained on {self.config.data.task!r}")
+    if num_candidates < 1:
+      raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    tokens_NL = np.full((len(sources), self.seq_len), self.tokenizer.pad_id, np.int32)
+    source_NL = np.zeros((len(sources), self.seq_len), bool)
+    for row, source in enumerate(sources):
+      ids = self.tokenizer.encode(source) + [self.tokenizer.eos_id]
+      if len(ids) >= self.seq_len:
+        raise ValueError(f"source {row} has {len(ids) - 1} tokens; with its [EOS] it leaves no room for a "
+                         f"target in the model's canvas of {self.seq_len}")
+      tokens_NL[row, :len(ids)] = ids
+      source_NL[row, :len(ids)] = True
+    repeat = lambda x: np.repeat(x, num_candidates, axis=0)
+    condition_NL = source_NL & (tokens_NL != self.tokenizer.eos_id)
+    outputs_NL = self._run(repeat(tokens_NL), repeat(source_NL), repeat(condition_NL),
+                           self._sampler_config(settings), seed, batch_size, pad_after_eos=False)
+    targets = [self.tokenizer.decode(row[~source_L]) for row, source_L in zip(outputs_NL, repeat(source_NL))]
+    grouped = [targets[i:i + num_candidates] for i in range(0, len(targets), num_candidates)]
+    return [candidates[evaluate.mbr_select(candidates)] for candidates in grouped]
+
+  def _canvas(self, prompts: Sequence[str], constraints: Sequence[Mapping[int, str]],
+              length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fixed tokens int32[N, L], fixed bool[N, L]): each prompt at the start of its row, each
+    constraint's tokens from its position on."""
     tokens_NL = np.full((len(prompts), length), self.tokenizer.pad_id, np.int32)
     fixed_NL = np.zeros((len(prompts), length), bool)
-    for row, prompt in enumerate(prompts):
+    for row, (prompt, constraint) in enumerate(zip(prompts, constraints)):
       ids = self.tokenizer.encode(prompt)
       if len(ids) >= length:
         raise ValueError(f"prompt {row} has {len(ids)} tokens but the canvas holds {length}; "
                          "shorten the prompt or raise `length`")
       tokens_NL[row, :len(ids)] = ids
       fixed_NL[row, :len(ids)] = True
+      for position, text in constraint.items():
+        ids = self.tokenizer.encode(text)
+        if not 0 <= position or position + len(ids) > length:
+          raise ValueError(f"constraint {text!r} at position {position} of text {row} does not fit "
+                           f"the canvas of {length} tokens")
+        tokens_NL[row, position:position + len(ids)] = ids
+        fixed_NL[row, position:position + len(ids)] = True
     return tokens_NL, fixed_NL
 
   def score(self, texts: Sequence[str], *, num_samples: int = 16, seed: int = 0,

@@ -3,7 +3,9 @@
 Strategies:
   'ancestral'       every process: its exact reverse step x_t -> x_s (`process.reverse_step`), e.g.
                     MDLM's for the masked process: a masked token is revealed between t and s < t
-                    with probability (alpha_s - alpha_t) / (1 - alpha_t), drawn from p(x_0 | x_t).
+                    with probability (alpha_s - alpha_t) / (1 - alpha_t), drawn from p(x_0 | x_t);
+                    DDPM's p(z_s | z_t) = q(z_s | z_t, z0_hat) for the Gaussian family.
+  'ddim'            the Gaussian family: DDIM steps (eta = 0 deterministic), good with few steps.
   'random'          absorbing processes (LLaDA): a scheduled number k of masked positions is
                     revealed per step, chosen at random.
   'low_confidence'  absorbing processes (LLaDA): the k masked positions whose sampled token the
@@ -11,6 +13,14 @@ Strategies:
 The k-strategies reveal the positions of each block evenly over the block's steps; with
 `block_length > 0` blocks are generated left to right (semi-autoregressive, LLaDA sec. 2.4).
 Every strategy draws its tokens with the same `base.TokenDraw` (temperature, top-k, top-p).
+The Gaussian family's state is a point z of the embedding space instead of a token canvas: its
+steps can snap the predicted z0_hat to the nearest embedding (`clamp`, Diffusion-LM's clamping
+trick), take classifier guidance (`guide_fn`), and the final z_0 is rounded to the nearest
+embedding.
+
+Classifier-free guidance (`guidance_scale`, see `guidance.py`) works for every diffusion family:
+the network runs on the canvas with and without its condition (`condition_BL`) and the outputs
+are mixed.
 
 Fixed positions (prompts, infilling constraints, padding) are never changed. Randomness is per
 row: row r at step i uses fold_in(fold_in(key, row_ids[r]), i), so a row's sample does not depend
@@ -21,6 +31,7 @@ positions pay for the softmax and the draw.
 The autoregressive baseline decodes left to right with a KV cache instead (`decode`, at the end).
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -28,9 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddlm_jax import guidance
 from ddlm_jax.processes import base
+from ddlm_jax.processes import gaussian
 
-STRATEGIES = ("ancestral", "random", "low_confidence")
+TOKEN_STRATEGIES = ("ancestral", "random", "low_confidence")
+EMBEDDING_STRATEGIES = ("ancestral", "ddim")  # the Gaussian family
+STRATEGIES = TOKEN_STRATEGIES + ("ddim",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +61,10 @@ class SamplerConfig:
     block_length: free positions per semi-autoregressive block; 0 = one block. A row with n free
       positions has ceil(n / block_length) blocks, which share the steps as evenly as possible.
     record_trajectory: also return the canvas after every step.
+    eta: DDIM's noise scale (strategy 'ddim'; 0: deterministic, 1: the DDPM step).
+    clamp: Gaussian family: snap z0_hat to the nearest embedding before each step.
+    guidance_scale: classifier-free guidance scale w (0: unconditional, 1: conditional, no
+      guidance); needs a condition (`sample`'s condition_BL).
   """
   steps: int = 64
   strategy: str = "low_confidence"
@@ -54,6 +73,9 @@ class SamplerConfig:
   top_p: float = 1.0
   block_length: int = 0
   record_trajectory: bool = False
+  eta: float = 0.0
+  clamp: bool = False
+  guidance_scale: float = 1.0
 
   def __post_init__(self):
     if self.steps < 1:
@@ -63,8 +85,12 @@ class SamplerConfig:
     self.draw  # validates temperature, top_k and top_p
     if self.block_length < 0:
       raise ValueError(f"sampler block_length must be >= 0, got {self.block_length}")
-    if self.block_length and self.strategy == "ancestral":
+    if self.block_length and self.strategy in ("ancestral", "ddim"):
       raise ValueError("block_length needs strategy 'random' or 'low_confidence'")
+    if not self.eta >= 0:
+      raise ValueError(f"sampler eta must be >= 0, got {self.eta}")
+    if not self.guidance_scale >= 0:
+      raise ValueError(f"sampler guidance_scale must be >= 0, got {self.guidance_scale}")
 
   @property
   def draw(self) -> base.TokenDraw:
@@ -165,6 +191,25 @@ def sampler_step(model_fn: base.ModelFn, process, config: SamplerConfig, plan: S
   return scatter(canvas_BL, jnp.where(reveal_BC, candidates_BC, canvas_BC))
 
 
+def gaussian_step(model: gaussian.EmbeddingModel, process: gaussian.GaussianDiffusion,
+                  config: SamplerConfig, row_keys_B: jax.Array, table_VD: jax.Array, free_BL: jax.Array,
+                  guide_fn: guidance.GuideFn | None, z_BLD: jax.Array, step: jax.Array) -> jax.Array:
+  """One reverse step z_t -> z_s of the Gaussian family (DDPM or DDIM, optionally clamped and
+  classifier-guided); free positions get noise of their row's key."""
+  batch_size = z_BLD.shape[0]
+  t, s = step_times(config, step)
+  z0_hat_BLD = model.denoise_fn(z_BLD, jnp.full((batch_size,), t))
+  if config.clamp:
+    z0_hat_BLD = gaussian.clamp_to_embeddings(z0_hat_BLD, table_VD)
+  method = "ddim" if config.strategy == "ddim" else "ddpm"
+  mean_BLD, noise_var, posterior_var = process.step_mean_var(z_BLD, z0_hat_BLD, t, s, method, config.eta)
+  if guide_fn is not None:
+    mean_BLD = guide_fn(mean_BLD, posterior_var, jnp.full((batch_size,), s), free_BL)
+  noise_BLD = jax.vmap(lambda row_key: jax.random.normal(jax.random.fold_in(row_key, step),
+                                                         z_BLD.shape[1:]))(row_keys_B)
+  return mean_BLD + jnp.sqrt(noise_var) * noise_BLD
+
+
 def pad_after_eos(tokens_BL: jax.Array, fixed_BL: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
   """Replaces every free position after a row's first [EOS] by [PAD]."""
   is_eos_BL = tokens_BL == eos_id
@@ -172,48 +217,92 @@ def pad_after_eos(tokens_BL: jax.Array, fixed_BL: jax.Array, eos_id: int, pad_id
   return jnp.where(after_eos_BL & ~fixed_BL, pad_id, tokens_BL)
 
 
-def sample(model_fn: base.ModelFn, process, config: SamplerConfig,
+def sample(model_fn: base.ModelFn | gaussian.EmbeddingModel, process, config: SamplerConfig,
            fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array,
            row_ids_B: jax.Array | None = None, eos_id: int | None = None,
-           pad_id: int | None = None):
+           pad_id: int | None = None, condition_BL: jax.Array | None = None,
+           null_id: int | None = None, guide_fn: guidance.GuideFn | None = None):
   """Runs the reverse process from the prior to a clean canvas.
 
   Args:
-    model_fn: (x_t int32[B, L], t float32[B]) -> logits float32[B, L, W].
+    model_fn: (x_t int32[B, L], t float32[B]) -> logits float32[B, L, W]; for the Gaussian
+      family a `gaussian.EmbeddingModel`.
     process: a diffusion process (see `processes/base.py`); the k-reveal strategies need an
-      absorbing one (with a `mask_id`).
+      absorbing one (with a `mask_id`), 'ddim', clamp and guide_fn the Gaussian family.
     config: sampler settings.
     fixed_tokens_BL: int32[B, L], tokens at fixed positions (ignored elsewhere).
     fixed_BL: bool[B, L], positions that are never changed (prompt, constraints, padding).
     key: PRNG key.
     row_ids_B: int32[B] identities of the rows for their randomness; defaults to 0..B-1.
     eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD].
+    condition_BL: bool[B, L], the fixed positions that form the condition (a source segment);
+      classifier-free guidance replaces them by `null_id` in the unconditional branch.
+    null_id: the null condition's token (the [PAD] of conditioning dropout).
+    guide_fn: classifier guidance of the Gaussian family (`guidance.classifier_guidance`).
 
   Returns:
-    tokens int32[B, L]; with `config.record_trajectory`, also the canvases int32[steps, B, L].
+    tokens int32[B, L]; with `config.record_trajectory`, also the canvases int32[steps, B, L]
+    (the Gaussian family's z rounded to tokens).
   """
+  continuous = getattr(process, "continuous", False)
   absorbing = getattr(process, "mask_id", None) is not None
-  if config.strategy != "ancestral" and not absorbing:
-    raise ValueError(f"strategy {config.strategy!r} reveals [MASK]ed positions; {type(process).__name__} "
-                     "has no [MASK] state, use strategy 'ancestral'")
+  _check_sampler(process, config, continuous, absorbing, condition_BL, null_id, guide_fn)
   batch_size = fixed_BL.shape[0]
   if row_ids_B is None:
     row_ids_B = jnp.arange(batch_size)
   row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids_B)
   prior_keys_B = jax.vmap(lambda row_key: jax.random.fold_in(row_key, config.steps))(row_keys_B)
-  canvas_BL = jax.vmap(lambda tokens_L, fixed_L, row_key: process.initial_canvas(
-      tokens_L[None], fixed_L[None], row_key)[0])(fixed_tokens_BL, fixed_BL, prior_keys_B)
-  plan = make_plan(config, canvas_BL == process.mask_id if absorbing else ~fixed_BL, row_keys_B)
+  guided = config.guidance_scale != 1.0
 
-  def body(canvas_BL, step):
-    canvas_BL = sampler_step(model_fn, process, config, plan, canvas_BL, step)
-    canvas_BL = jnp.where(fixed_BL, fixed_tokens_BL, canvas_BL)  # processes that resample every token
-    return canvas_BL, canvas_BL if config.record_trajectory else None
+  if continuous:
+    table_VD = process.table(model_fn.embeddings_VD)
+    if guided:
+      model_fn = gaussian.EmbeddingModel(
+          guidance.classifier_free(model_fn.denoise_fn, condition_BL, table_VD[null_id],
+                                   config.guidance_scale), model_fn.embeddings_VD)
+    clean_BLD = table_VD[fixed_tokens_BL]
+    state = jax.vmap(lambda clean_LD, fixed_L, row_key: process.initial_state(
+        clean_LD[None], fixed_L[None], row_key)[0])(clean_BLD, fixed_BL, prior_keys_B)
+    step_fn = functools.partial(gaussian_step, model_fn, process, config, row_keys_B, table_VD, ~fixed_BL,
+                                guide_fn)
+    hold = lambda z_BLD: gaussian.hold(z_BLD, clean_BLD, fixed_BL)
+    tokens_of = lambda z_BLD: jnp.where(fixed_BL, fixed_tokens_BL, gaussian.round_to_tokens(z_BLD, table_VD))
+  else:
+    if guided:
+      model_fn = guidance.classifier_free(model_fn, condition_BL, null_id, config.guidance_scale)
+    state = jax.vmap(lambda tokens_L, fixed_L, row_key: process.initial_canvas(
+        tokens_L[None], fixed_L[None], row_key)[0])(fixed_tokens_BL, fixed_BL, prior_keys_B)
+    plan = make_plan(config, state == process.mask_id if absorbing else ~fixed_BL, row_keys_B)
+    step_fn = functools.partial(sampler_step, model_fn, process, config, plan)
+    hold = lambda canvas_BL: jnp.where(fixed_BL, fixed_tokens_BL, canvas_BL)  # processes that resample all
+    tokens_of = lambda canvas_BL: canvas_BL
 
-  tokens_BL, trajectory_SBL = jax.lax.scan(body, canvas_BL, jnp.arange(config.steps))
+  def body(state, step):
+    state = hold(step_fn(state, step))
+    return state, tokens_of(state).astype(jnp.int32) if config.record_trajectory else None
+
+  state, trajectory_SBL = jax.lax.scan(body, state, jnp.arange(config.steps))
+  tokens_BL = tokens_of(state).astype(jnp.int32)
   if eos_id is not None:
     tokens_BL = pad_after_eos(tokens_BL, fixed_BL, eos_id, pad_id)
   return (tokens_BL, trajectory_SBL) if config.record_trajectory else tokens_BL
+
+
+def _check_sampler(process, config: SamplerConfig, continuous: bool, absorbing: bool,
+                   condition_BL, null_id, guide_fn) -> None:
+  """Raises ValueError for settings the process cannot use."""
+  name = type(process).__name__
+  if continuous and config.strategy not in EMBEDDING_STRATEGIES:
+    raise ValueError(f"strategy {config.strategy!r} reveals tokens; {name} takes 'ancestral' (DDPM) or 'ddim'")
+  if not continuous:
+    if config.strategy not in TOKEN_STRATEGIES or config.clamp or guide_fn is not None:
+      raise ValueError(f"'ddim', clamp and classifier guidance work on embeddings; {name} has tokens")
+    if config.strategy != "ancestral" and not absorbing:
+      raise ValueError(f"strategy {config.strategy!r} reveals [MASK]ed positions; {name} "
+                       "has no [MASK] state, use strategy 'ancestral'")
+  if config.guidance_scale != 1.0 and (condition_BL is None or null_id is None):
+    raise ValueError("classifier-free guidance (guidance_scale != 1) needs the condition's positions "
+                     "(condition_BL) and its null token (null_id)")
 
 
 # Autoregressive decoding: one `lax.scan` over positions, feeding one token at a time through a

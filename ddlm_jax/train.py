@@ -28,6 +28,7 @@ from flax import nnx
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
 from ddlm_jax import evaluate
+from ddlm_jax import guidance
 from ddlm_jax import schedules
 from ddlm_jax import sharding
 from ddlm_jax.data import datasets
@@ -37,6 +38,7 @@ from ddlm_jax.data import tokenizers
 from ddlm_jax.networks import transformer
 from ddlm_jax.processes import autoregressive
 from ddlm_jax.processes import d3pm
+from ddlm_jax.processes import gaussian
 from ddlm_jax.processes import masked
 from ddlm_jax.processes import uniform
 
@@ -66,6 +68,13 @@ class Experiment:
 def make_process(settings: ml_collections.ConfigDict, vocab_size: int,
                  neighbor_graph: "d3pm.NeighborGraph | None" = None):
   """The process named by `config.process` over a vocabulary of the tokenizers' special ids."""
+  if settings.name == "autoregressive":
+    return autoregressive.Autoregressive(vocab_size=vocab_size, bos_id=tokenizers.BOS_ID,
+                                         excluded_ids=(tokenizers.MASK_ID,))
+  if settings.name == "gaussian":
+    return gaussian.GaussianDiffusion(vocab_size=vocab_size, latent_dim=settings.latent_dim,
+                                      schedule=gaussian.NoiseSchedule(settings.schedule),
+                                      num_steps=settings.num_steps, antithetic_time=settings.antithetic_time)
   schedule = schedules.Schedule(settings.schedule, settings.schedule_eps)
   if settings.name == "masked":
     return masked.MaskedDiffusion(vocab_size=vocab_size, mask_id=tokenizers.MASK_ID, schedule=schedule,
@@ -79,8 +88,7 @@ def make_process(settings: ml_collections.ConfigDict, vocab_size: int,
                      schedule=schedule, hybrid_coeff=settings.hybrid_coeff,
                      mask_id=tokenizers.MASK_ID if absorbing else None, graph=neighbor_graph,
                      antithetic_time=settings.antithetic_time)
-  return autoregressive.Autoregressive(vocab_size=vocab_size, bos_id=tokenizers.BOS_ID,
-                                       excluded_ids=(tokenizers.MASK_ID,))
+  raise ValueError(f"unknown process {settings.name!r}")
 
 
 def make_experiment(config: ml_collections.ConfigDict, vocab_size: int,
@@ -91,7 +99,8 @@ def make_experiment(config: ml_collections.ConfigDict, vocab_size: int,
   process = make_process(config.process, vocab_size, neighbor_graph)
   padded_vocab_size = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
   model = transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=data.seq_len,
-                                        causal=process.causal_network, **config.model.to_dict())
+                                        causal=process.causal_network,
+                                        latent_dim=getattr(process, "latent_dim", 0), **config.model.to_dict())
   return Experiment(data=data, model=model, process=process)
 
 
@@ -134,10 +143,30 @@ def load_neighbor_graph(workdir: str, settings: dict | None = None) -> "d3pm.Nei
                               weights_VK=jnp.asarray(saved["weights_VK"]))
 
 
-def bind(graphdef: nnx.GraphDef, params: nnx.State, dropout_key: jax.Array | None = None) -> Callable:
-  """model_fn(x_t_BL, t_B) -> logits_BLV of the network with these parameters."""
+def bind(graphdef: nnx.GraphDef, params: nnx.State,
+         dropout_key: jax.Array | None = None) -> Callable | gaussian.EmbeddingModel:
+  """model_fn(x_t_BL, t_B) -> logits_BLV of the network with these parameters; for an
+  embedding-space network (the Gaussian family) its denoiser with its embedding table."""
   model = nnx.merge(graphdef, params)
-  return lambda xt_BL, t_B: model(xt_BL, t_B, dropout_key=dropout_key)
+  model_fn = lambda xt_BL, t_B: model(xt_BL, t_B, dropout_key=dropout_key)
+  if model.config.latent_dim:
+    return gaussian.EmbeddingModel(model_fn, model.embedding[...])
+  return model_fn
+
+
+def source_and_rows(rows_BL: jax.Array, pairs: bool, condition_dropout: float = 0.0,
+                    key: jax.Array | None = None) -> tuple[jax.Array | None, jax.Array]:
+  """(prompt mask, rows) of a batch: a pair's source (up to its first [EOS]) is conditioned on and
+  not scored; with `condition_dropout`, that share of the rows has its source replaced by [PAD]
+  (the null condition of classifier-free guidance). (None, rows) for language modelling."""
+  if not pairs:
+    return None, rows_BL
+  source_BL = batching.source_mask(rows_BL, tokenizers.EOS_ID)
+  if condition_dropout:
+    drop_B = jax.random.bernoulli(key, condition_dropout, rows_BL.shape[:1])
+    condition_BL = source_BL & (rows_BL != tokenizers.EOS_ID) & drop_B[:, None]
+    rows_BL = guidance.drop_condition(rows_BL, condition_BL, tokenizers.PAD_ID)
+  return source_BL, rows_BL
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -152,13 +181,16 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 
 def train_step(state: TrainState, batch_BL: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef,
-               optimizer: optax.GradientTransformation, process, ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the NELBO of a batch; the key is folded with the step inside."""
+               optimizer: optax.GradientTransformation, process, ema_decay: float, pairs: bool = False,
+               condition_dropout: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the NELBO of a batch; the key is folded with the step inside. For
+  `pairs` (a sequence-to-sequence task) only the targets are noised and scored."""
   step_key = jax.random.fold_in(key, state.step)
-  loss_key, dropout_key = jax.random.split(step_key)
+  loss_key, dropout_key, condition_key = jax.random.split(step_key, 3)
+  source_BL, batch_BL = source_and_rows(batch_BL, pairs, condition_dropout, condition_key)
 
   def loss_fn(params):
-    return process.loss(bind(graphdef, params, dropout_key), batch_BL, loss_key)
+    return process.loss(bind(graphdef, params, dropout_key), batch_BL, loss_key, source_BL)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -261,11 +293,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, process=experiment.process,
-                        ema_decay=train_cfg.ema_decay),
+                        ema_decay=train_cfg.ema_decay, pairs=experiment.data.task != "lm",
+                        condition_dropout=train_cfg.condition_dropout),
       in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   key = jax.random.key(config.seed)
-  nelbo_fn = make_nelbo_fn(graphdef, experiment.process, mesh, config.eval.exact_time_sum)
+  nelbo_fn = make_nelbo_fn(graphdef, experiment.process, mesh, config.eval.exact_time_sum,
+                           pairs=experiment.data.task != "lm")
   evaluate_params = functools.partial(
       evaluate.held_out_elbo, nelbo_fn, data=data, num_samples=config.eval.elbo_samples,
       batch_size=config.eval.batch_size, max_rows=config.eval.max_docs, seed=config.seed,
@@ -331,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   result = evaluate_params(eval_params)
   if jax.process_index() == 0:
     print(result.describe(), flush=True)
-    if experiment.data.source == "embedded":
+    if experiment.data.source == "embedded" and experiment.data.task == "lm":
       print(f"the generator's exact entropy: {corpus.default_corpus().entropy_bits():.2f} bits per document",
             flush=True)
   summary = {"step": final_step, "tokens_per_second": tokens_per_second, **result.summary()}
@@ -339,9 +373,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def make_nelbo_fn(graphdef: nnx.GraphDef, process, mesh: jax.sharding.Mesh | None = None,
-                  exact_time_sum: bool = False) -> evaluate.NelboFn:
+                  exact_time_sum: bool = False, pairs: bool = False) -> evaluate.NelboFn:
   """Jitted (params, rows_BL, key) -> NELBO nats_B of the network (the exact NLL for the
-  autoregressive baseline).
+  autoregressive baseline); of the targets given their sources for `pairs`.
 
   Times are drawn independently per row (not stratified over the batch), so rows are independent
   and `evaluate.elbo`'s standard error is valid. With `exact_time_sum` a discrete-time process
@@ -354,8 +388,12 @@ def make_nelbo_fn(graphdef: nnx.GraphDef, process, mesh: jax.sharding.Mesh | Non
     raise ValueError(f"config.eval.exact_time_sum needs a discrete-time process, not {type(process).__name__}")
   bound = process.nelbo_exact_time if exact_time_sum else process.nelbo
   out_shardings = None if mesh is None else sharding.replicated(mesh)
-  return jax.jit(lambda params, rows_BL, key: bound(bind(graphdef, params), rows_BL, key).nats_B,
-                 out_shardings=out_shardings)
+
+  def nelbo_fn(params, rows_BL, key):
+    source_BL, rows_BL = source_and_rows(rows_BL, pairs)
+    return bound(bind(graphdef, params), rows_BL, key, source_BL).nats_B
+
+  return jax.jit(nelbo_fn, out_shardings=out_shardings)
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:

@@ -28,8 +28,9 @@ SIZES = ("cpu", "base")
 
 
 def get_config(variant: str = "mdlm"):
-  family, dataset, size = (variant.split(",") + ["embedded", "cpu"])[:3]
-  if family not in FAMILIES or dataset not in DATASETS or size not in SIZES or variant.count(",") > 2:
+  parts = variant.split(",")
+  family, dataset, size = (parts + ["embedded", "cpu"][len(parts) - 1:])[:3] if len(parts) <= 3 else (None,) * 3
+  if family not in FAMILIES or dataset not in DATASETS or size not in SIZES:
     raise ValueError(f"unknown variant {variant!r} of compare; expected FAMILY[,DATASET[,SIZE]] with FAMILY in "
                      f"{sorted(FAMILIES)}, DATASET in {DATASETS} and SIZE in {SIZES}")
   config = config_lib.base_config()

@@ -164,3 +164,33 @@ def test_split_seeds_are_distinct():
 def test_invalid_settings_raise(settings):
   with pytest.raises(ValueError):
     corpus.RestaurantCorpus(**settings)
+
+
+def test_records_round_trip_through_their_serialisation(default_samples):
+  for document in default_samples[:2000]:
+    line = corpus.format_record(document.record)
+    assert corpus.parse_record(line) == document.record
+    assert "\n" not in line
+  record = {"area": "riverside", "name": "The Golden Lantern", "food": "Italian",
+            "eat_type": "coffee shop", "price_range": "low"}
+  assert corpus.format_record(record) == ("name: The Golden Lantern | eat_type: coffee shop | "
+                                          "food: Italian | area: riverside | price_range: low")
+  assert corpus.parse_record("  food :Italian|name:  Rossi's Fig  ") is None  # No ": " after food.
+  assert corpus.parse_record(" food : Italian|name:  Rossi's Fig ") == {"food": "Italian",
+                                                                        "name": "Rossi's Fig"}
+
+
+def test_format_record_writes_the_chosen_attributes_it_has():
+  record = {"name": "The Golden Lantern", "eat_type": "pub", "food": "Thai", "area": "seafront"}
+  assert corpus.format_record(record, ("near", "food", "name")) == "name: The Golden Lantern | food: Thai"
+  assert corpus.format_record(record, ("near",)) == ""
+  with pytest.raises(ValueError, match="unknown attributes \\['colour'\\]"):
+    corpus.format_record(record, ("colour",))
+
+
+@pytest.mark.parametrize("text", [
+    "", "   ", "name: The Fox |", "name The Fox", "name: The Fox | colour: red",
+    "name: The Fox | name: The Owl", "name: ", "food: Thai | | area: seafront",
+])
+def test_parse_record_rejects_malformed_lines(text):
+  assert corpus.parse_record(text) is None

@@ -4,6 +4,8 @@ import os
 import pathlib
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -318,6 +320,14 @@ def test_bad_text_files_fail_before_anything_is_written(content, tmp_path):
     ({"validation_fraction": 1.0}, "DataConfig.validation_fraction"),
     ({"source": "text_files"}, "DataConfig.paths"),
     ({"source": "tfds"}, "DataConfig.tfds_name"),
+    ({"task": "translate"}, "DataConfig.task is 'translate'"),
+    ({"task": "text_to_data", "source": "text_files", "paths": ("a.txt",)},
+     "DataConfig.task='text_to_data' needs source='embedded' and packing='pad'"),
+    ({"task": "data_to_text", "packing": "pack"}, "DataConfig.task='data_to_text' needs"),
+    ({"task": "data_to_text", "record_attributes": ("name", "colour")},
+     "DataConfig.record_attributes must be distinct names"),
+    ({"task": "data_to_text", "record_attributes": ("name", "name")}, "DataConfig.record_attributes"),
+    ({"record_attributes": ("name",)}, "DataConfig.record_attributes applies to the pair tasks"),
 ])
 def test_bad_config_fails_naming_the_field(overrides, field):
   with pytest.raises(ValueError, match=field):
@@ -328,3 +338,69 @@ def test_config_accepts_a_single_path_and_lists():
   assert datasets.DataConfig(source="text_files", paths="a.txt").paths == ("a.txt",)
   assert datasets.DataConfig(source="text_files", paths=["a.txt", "b.txt"]).paths == ("a.txt",
                                                                                        "b.txt")
+
+
+# Sequence-to-sequence pairs.
+
+
+@pytest.mark.parametrize("task,kind,seq_len", [
+    ("data_to_text", "char", 320), ("text_to_data", "char", 320), ("data_to_text", "sentencepiece", 200),
+])
+def test_pair_rows_hold_source_eos_target(task, kind, seq_len, tmp_path):
+  config = _tiny_config(task=task, tokenizer=kind, seq_len=seq_len, num_train_docs=200)
+  data = datasets.load_data(config, str(tmp_path))
+  tokenizer = data.tokenizer
+  evaluation = corpus.default_corpus().sample(20, corpus.split_seed("validation", 0))
+  records = tuple(corpus.format_record(document.record) for document in evaluation)
+  texts = tuple(document.text for document in evaluation)
+  sources, targets = (records, texts) if task == "data_to_text" else (texts, records)
+  assert data.eval_sources == sources and data.eval_targets == data.eval_texts == targets
+  assert data.eval_records == tuple(document.record for document in evaluation)
+  assert data.eval_log_probs is None and data.eval_rows.shape == (20, seq_len)
+  if kind == "char":  # The records were trained on: their characters are in the alphabet.
+    assert {"|", "_", ":"} <= set(tokenizer.alphabet)
+  else:
+    assert len(tokenizer.encode(" | eat_type: ")) < len(" | eat_type: ")
+  source_mask = batching.source_mask(data.eval_rows, tokenizer.eos_id)
+  num_cut = 0
+  for row, is_source, source, target, num_tokens, num_chars in zip(
+      data.eval_rows, source_mask, sources, targets, data.eval_num_tokens, data.eval_num_chars):
+    source_ids, target_ids = tokenizer.encode(source), tokenizer.encode(target)
+    np.testing.assert_array_equal(is_source, np.arange(seq_len) <= len(source_ids))
+    np.testing.assert_array_equal(row[:len(source_ids) + 1], source_ids + [tokenizer.eos_id])
+    kept = min(len(target_ids), seq_len - len(source_ids) - 2)
+    num_cut += kept < len(target_ids)
+    target_row = row[~is_source]
+    np.testing.assert_array_equal(target_row[:kept + 1], target_ids[:kept] + [tokenizer.eos_id])
+    assert not target_row[kept + 1:].any()
+    assert tokenizer.decode(row[is_source]) == source
+    assert tokenizer.decode(target_row) == (target if kept == len(target_ids) else
+                                            tokenizer.decode(target_ids[:kept]))
+    assert num_tokens == kept and num_chars == len(tokenizer.decode(target_row))
+  assert 0 < num_cut < 20 and data.num_truncated >= num_cut
+  train_mask = batching.source_mask(data.train_rows, tokenizer.eos_id)
+  assert (data.train_rows[train_mask] == tokenizer.eos_id).sum() == 200  # One source [EOS] a row.
+
+
+def test_pair_records_hold_the_chosen_attributes(tmp_path):
+  config = _tiny_config(task="text_to_data", tokenizer="char", seq_len=400,
+                        record_attributes=["name", "near"])
+  assert config.record_attributes == ("name", "near") and hash(config)
+  data = datasets.load_data(config, str(tmp_path))
+  for target, record in zip(data.eval_targets, data.eval_records):
+    assert corpus.parse_record(target) == {key: record[key] for key in ("name", "near") if key in record}
+  assert data.num_truncated == 0
+
+
+def test_pair_source_longer_than_a_row_fails_clearly(tmp_path):
+  with pytest.raises(ValueError, match="raise DataConfig.seq_len to at least"):
+    datasets.load_data(_tiny_config(task="text_to_data", tokenizer="char", seq_len=120), str(tmp_path))
+
+
+def test_source_mask_under_jit():
+  rows = np.array([[5, 6, 3, 7, 3, 0], [3, 5, 3, 0, 0, 0], [5, 5, 5, 5, 5, 5]], np.int32)
+  expected = [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]]  # No [EOS]: all source.
+  np.testing.assert_array_equal(batching.source_mask(rows, 3), expected)
+  mask = jax.jit(batching.source_mask, static_argnums=1)(jnp.asarray(rows), 3)
+  assert isinstance(mask, jax.Array) and mask.dtype == jnp.bool_
+  np.testing.assert_array_equal(mask, expected)

@@ -1,6 +1,7 @@
 """The held-out ELBO estimator against a known answer: a perfect denoiser on a tiny distribution."""
 import jax
 import numpy as np
+import pytest
 
 from ddlm_jax import evaluate
 from ddlm_jax import testing
@@ -87,3 +88,36 @@ def test_an_exact_likelihood_is_scored_in_one_pass():
   assert len(calls) == 1 and result.num_samples == 1 and result.stderr == 0.0
   np.testing.assert_allclose(result.bits_per_sequence, [3 / np.log(2), 7 / np.log(2)], rtol=1e-6)
   assert "exact NLL" in result.describe()
+
+
+def test_bleu_is_100_for_identical_texts_and_0_for_disjoint_ones():
+  references = ["the golden lantern is a cosy pub in the old town .", "it has a low price range ."]
+  assert evaluate.bleu(references, references) == pytest.approx(100.0)
+  assert evaluate.bleu(["one two three four five", "six seven eight nine"], references) < 1e-6
+  assert 0 < evaluate.bleu(["the golden lantern is a pub in the old town .", references[1]], references) < 100
+  with pytest.raises(ValueError, match="as many hypotheses as references"):
+    evaluate.bleu(references, references[:1])
+
+
+def test_mbr_selects_the_consensus_candidate():
+  central = "the golden lantern is a cosy italian pub in the old town"
+  candidates = ["completely different words about nothing at all here",
+                "the golden lantern is a cosy italian pub near the old town",
+                central,
+                "the golden lantern is a quiet italian pub in the old town"]
+  assert evaluate.mbr_select(candidates) == 2
+  assert evaluate.mbr_select(candidates[::-1]) == 1
+  assert evaluate.mbr_select(["only one"]) == 0
+  assert evaluate.mbr_select(["same text", "same text", "same text"]) == 0  # ties: lowest index
+
+
+def test_attribute_accuracy_on_a_hand_example():
+  truth = [{"name": "The Fox", "food": "Thai"},
+           {"name": "The Owl", "food": "Greek", "area": "seafront"},
+           {"name": "The Elm", "food": "Irish"}]
+  predicted = [{"name": "The Fox", "food": "Thai"},
+               {"name": "The Owl", "food": "Thai", "area": "seafront", "near": "Old Pier"},
+               None]
+  assert evaluate.attribute_accuracy(predicted, truth) == {
+      "exact_match": pytest.approx(1 / 3), "attribute_accuracy": pytest.approx(4 / 7),
+      "well_formed": pytest.approx(2 / 3)}

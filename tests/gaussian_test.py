@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddlm_jax import samplers
 from ddlm_jax.processes import gaussian
 
 V, D = 6, 16
@@ -14,7 +15,7 @@ def _table(seed=0, scale=1.0):
 
 
 def _process(kind="sqrt", num_steps=100):
-  return gaussian.GaussianDiffusion(vocab_size=V, embed_dim=D, schedule=gaussian.NoiseSchedule(kind),
+  return gaussian.GaussianDiffusion(vocab_size=V, latent_dim=D, schedule=gaussian.NoiseSchedule(kind),
                                     num_steps=num_steps)
 
 
@@ -24,9 +25,9 @@ def exact_denoiser(process, embeddings_VD):
 
   def denoise_fn(zt_BLD, t_B):
     t_B11 = t_B[:, None, None]
-    scaled_VD = jnp.sqrt(process.schedule.alpha_bar(t_B11)) * table_VD  # [B, V, D] after broadcast
-    logits_BLV = -jax.vmap(gaussian.sq_distances)(zt_BLD[:, None], scaled_VD)[:, 0]
-    weights_BLV = jax.nn.softmax(logits_BLV / (2 * process.schedule.noise_var(t_B11)), axis=-1)
+    # -||z - sqrt(abar) E(w)||^2 up to a per-position constant (all rows have norm sqrt(D)).
+    logits_BLV = jnp.sqrt(process.schedule.alpha_bar(t_B11)) * jnp.einsum("bld,vd->blv", zt_BLD, table_VD)
+    weights_BLV = jax.nn.softmax(logits_BLV / process.schedule.noise_var(t_B11), axis=-1)
     return weights_BLV @ table_VD
 
   return denoise_fn
@@ -127,7 +128,8 @@ def test_collapse_guard_holds_through_training_gradients():
   process = _process()
   x0_BL = jax.random.randint(jax.random.key(6), (4, 5), 0, V)
   shrink_fn = lambda zt_BLD, t_B: 0.0 * zt_BLD  # the collapse-seeking predictor
-  grad_VD = jax.jit(jax.grad(lambda table_VD: process.loss(shrink_fn, table_VD, x0_BL, jax.random.key(7))[0]))(
+  grad_VD = jax.jit(jax.grad(lambda table_VD: process.loss(
+      gaussian.EmbeddingModel(shrink_fn, table_VD), x0_BL, jax.random.key(7))[0]))(
       _table())
   table_VD = gaussian.normalize_embeddings(_table() - 10.0 * grad_VD)
   np.testing.assert_allclose(jnp.linalg.norm(table_VD, axis=-1), np.sqrt(D), rtol=1e-5)
@@ -154,56 +156,84 @@ def test_step_kl_is_nonnegative_and_zero_when_exact():
 
 def test_ddim_eta1_step_is_the_ddpm_step():
   process = _process()
-  zt_BLD, z0_hat_BLD, noise_BLD = jax.random.normal(jax.random.key(13), (3, 2, 3, D))
+  zt_BLD, z0_hat_BLD = jax.random.normal(jax.random.key(13), (2, 2, 3, D))
   for t, s in [(1.0, 0.9), (0.5, 0.4), (0.01, 0.0)]:
-    np.testing.assert_allclose(process.ddim_step(zt_BLD, z0_hat_BLD, t, s, noise_BLD, 1.0),
-                               process.ddpm_step(zt_BLD, z0_hat_BLD, t, s, noise_BLD), atol=1e-5)
+    ddim = process.step_mean_var(zt_BLD, z0_hat_BLD, t, s, "ddim", 1.0)
+    ddpm = process.step_mean_var(zt_BLD, z0_hat_BLD, t, s, "ddpm")
+    for ddim_part, ddpm_part in zip(ddim, ddpm):
+      np.testing.assert_allclose(ddim_part, ddpm_part, atol=1e-5, rtol=1e-5)
+
+
+def test_ddim_eta0_has_no_noise_and_keeps_the_predicted_noise():
+  """z_s = sqrt(abar_s) z0_hat + sqrt(1 - abar_s) eps_hat: the same eps_hat reads back at s."""
+  process = _process()
+  zt_BLD, z0_hat_BLD = jax.random.normal(jax.random.key(13), (2, 2, 3, D))
+  t, s = 0.6, 0.3
+  mean_BLD, noise_var, _ = process.step_mean_var(zt_BLD, z0_hat_BLD, t, s, "ddim", 0.0)
+  assert float(jnp.max(noise_var)) == 0.0
+  eps_hat = lambda z, time: ((z - jnp.sqrt(process.schedule.alpha_bar(time)) * z0_hat_BLD)
+                             / jnp.sqrt(process.schedule.noise_var(time)))
+  np.testing.assert_allclose(eps_hat(mean_BLD, s), eps_hat(zt_BLD, t), atol=1e-4)
+
+
+def _sample(model, process, steps, key, fixed_tokens_BL, fixed_BL, strategy="ancestral", eta=0.0, clamp=False,
+            record_trajectory=False):
+  config = samplers.SamplerConfig(steps=steps, strategy=strategy, eta=eta, clamp=clamp,
+                                  record_trajectory=record_trajectory)
+  return samplers.sample(model, process, config, fixed_tokens_BL, fixed_BL, key)
 
 
 def test_ddim_with_eta0_is_deterministic():
+  """From the same z_1, DDIM (eta = 0) steps give the same result whatever the noise keys."""
   process, table_VD = _process(), _table()
-  denoise_fn = exact_denoiser(process, table_VD)
+  model = gaussian.EmbeddingModel(exact_denoiser(process, table_VD), table_VD)
+  config = samplers.SamplerConfig(steps=10, strategy="ddim")
   z1_BLD = jax.random.normal(jax.random.key(14), (2, 5, D))
+  step = lambda z, i, key: samplers.gaussian_step(model, process, config, jax.random.split(key, 2),
+                                                  process.table(table_VD), jnp.ones((2, 5), bool), None, z, i)
 
-  def run(key):
-    z_BLD = z1_BLD
-    for k in range(10, 0, -1):
-      noise_BLD = jax.random.normal(jax.random.fold_in(key, k), z_BLD.shape)
-      z_BLD = process.ddim_step(z_BLD, denoise_fn(z_BLD, jnp.full((2,), k / 10)), k / 10, (k - 1) / 10,
-                                noise_BLD, 0.0)
+  @jax.jit
+  def run_from(z_BLD, key):
+    for i in range(10):
+      z_BLD = step(z_BLD, i, key)
     return z_BLD
 
-  run = jax.jit(run)
-  np.testing.assert_array_equal(run(jax.random.key(0)), run(jax.random.key(1)))
+  np.testing.assert_array_equal(run_from(z1_BLD, jax.random.key(1)), run_from(z1_BLD, jax.random.key(2)))
 
 
-@pytest.mark.parametrize("method,eta,clamp", [("ddpm", 0.0, False), ("ddim", 0.5, True)])
-def test_sampler_never_changes_fixed_tokens(method, eta, clamp):
+@pytest.mark.parametrize("strategy,eta,clamp", [("ancestral", 0.0, False), ("ddim", 0.5, True)])
+def test_sampler_never_changes_fixed_tokens(strategy, eta, clamp):
   process, table_VD = _process(), _table()
   fixed_BL = jnp.zeros((4, 8), bool).at[:, ::3].set(True)
   fixed_tokens_BL = jax.random.randint(jax.random.key(15), (4, 8), 0, V)
   shifted_fn = lambda zt_BLD, t_B: jnp.roll(zt_BLD, 1, axis=1)  # a denoiser that mixes positions
-  tokens_BL = jax.jit(lambda key: gaussian.sample(shifted_fn, process, table_VD, 20, key, fixed_tokens_BL,
-                                                  fixed_BL, method, eta, clamp))(jax.random.key(16))
+  model = gaussian.EmbeddingModel(shifted_fn, table_VD)
+  tokens_BL = jax.jit(lambda key: _sample(model, process, 20, key, fixed_tokens_BL, fixed_BL, strategy, eta,
+                                          clamp))(jax.random.key(16))
   assert tokens_BL.dtype == jnp.int32 and tokens_BL.shape == (4, 8)
   np.testing.assert_array_equal(np.asarray(tokens_BL)[np.asarray(fixed_BL)],
                                 np.asarray(fixed_tokens_BL)[np.asarray(fixed_BL)])
   assert bool(((tokens_BL >= 0) & (tokens_BL < V)).all())
 
 
-def test_sampler_with_exact_denoiser_is_deterministic_under_ddim_eta0():
+@pytest.mark.parametrize("strategy", ["ancestral", "ddim"])
+def test_sampler_with_exact_denoiser_draws_the_data_distribution(strategy):
+  """Independent uniform words and the Bayes-optimal denoiser: 25 steps give each word a share
+  within 0.04 of 1/6 over 2048 positions (binomial sd 0.008)."""
   process, table_VD = _process(), _table()
-  sample_fn = jax.jit(lambda key: gaussian.sample(exact_denoiser(process, table_VD), process, table_VD, 25, key,
-                                                  jnp.zeros((3, 4), jnp.int32), jnp.zeros((3, 4), bool),
-                                                  "ddim", 0.0, True))
-  np.testing.assert_array_equal(sample_fn(jax.random.key(17)), sample_fn(jax.random.key(17)))
+  model = gaussian.EmbeddingModel(exact_denoiser(process, table_VD), table_VD)
+  tokens_BL = jax.jit(lambda key: _sample(model, process, 25, key, jnp.zeros((512, 4), jnp.int32),
+                                          jnp.zeros((512, 4), bool), strategy))(jax.random.key(17))
+  shares_V = np.bincount(np.asarray(tokens_BL).ravel(), minlength=V) / tokens_BL.size
+  np.testing.assert_allclose(shares_V, 1 / V, atol=0.04)
 
 
 def test_nelbo_of_exact_denoiser_bounds_the_true_nll():
   """Uniform iid words: -log p(w) = L log V, and the T-step bound of the exact denoiser is close above it."""
   process, table_VD, draws, length = _process(num_steps=200), _table(), 2000, 2
   x0_NL = jax.random.randint(jax.random.key(18), (draws, length), 0, V)
-  estimate = jax.jit(lambda key: process.nelbo(exact_denoiser(process, table_VD), table_VD, x0_NL, key))(
+  estimate = jax.jit(lambda key: process.nelbo(
+      gaussian.EmbeddingModel(exact_denoiser(process, table_VD), table_VD), x0_NL, key))(
       jax.random.key(19))
   mean, stderr = float(estimate.nats_B.mean()), float(estimate.nats_B.std() / np.sqrt(draws))
   true_nll = length * np.log(V)
@@ -221,8 +251,9 @@ def test_prompt_positions_are_not_scored():
 
   @jax.jit
   def evaluate(key):
-    exact, ruined = (process.nelbo(fn, table_VD, x0_BL, key, prompt_BL) for fn in (exact_fn, ruined_fn))
-    return exact, ruined, process.loss(exact_fn, table_VD, x0_BL, key, prompt_BL)
+    exact_model, ruined_model = (gaussian.EmbeddingModel(fn, table_VD) for fn in (exact_fn, ruined_fn))
+    exact, ruined = (process.nelbo(model, x0_BL, key, prompt_BL) for model in (exact_model, ruined_model))
+    return exact, ruined, process.loss(exact_model, x0_BL, key, prompt_BL)
 
   exact, ruined, (loss, metrics) = evaluate(jax.random.key(21))
   np.testing.assert_array_equal(ruined.nats_B, exact.nats_B)
@@ -235,6 +266,10 @@ def test_bad_input_raises():
     gaussian.NoiseSchedule("linear")
   with pytest.raises(ValueError, match="num_steps"):
     gaussian.GaussianDiffusion(V, D, num_steps=0)
-  with pytest.raises(ValueError, match="sampler method"):
-    gaussian.sample(lambda z, t: z, _process(), _table(), 5, jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
-                    jnp.zeros((1, 2), bool), method="euler")
+  with pytest.raises(ValueError, match="method"):
+    _process().step_mean_var(jnp.zeros((1, 2, D)), jnp.zeros((1, 2, D)), 0.5, 0.4, "euler")
+  model = gaussian.EmbeddingModel(lambda z, t: z, _table())
+  for strategy in ("low_confidence", "random"):
+    with pytest.raises(ValueError, match="reveals tokens"):
+      _sample(model, _process(), 5, jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), bool),
+              strategy)

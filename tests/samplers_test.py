@@ -35,7 +35,7 @@ def prompts(batch, length, prompt_lengths):
 PROCESS = masked.MaskedDiffusion(vocab_size=VOCAB, mask_id=MASK_ID)
 
 
-@pytest.mark.parametrize("strategy", samplers.STRATEGIES)
+@pytest.mark.parametrize("strategy", samplers.TOKEN_STRATEGIES)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_prompt_fixed_and_nothing_left_masked(strategy, temperature):
   config = samplers.SamplerConfig(steps=8, strategy=strategy, temperature=temperature)
@@ -113,7 +113,7 @@ def test_low_confidence_reveals_the_most_confident_positions():
     assert set(np.argsort(-confidence_BL[row])[:2]) == set(np.flatnonzero(revealed_BL[row]))
 
 
-@pytest.mark.parametrize("strategy", samplers.STRATEGIES)
+@pytest.mark.parametrize("strategy", samplers.TOKEN_STRATEGIES)
 def test_scan_matches_reference_python_loop(strategy):
   config = samplers.SamplerConfig(steps=6, strategy=strategy)
   tokens_BL, fixed_BL = prompts(3, 12, [0, 4, 6])
@@ -128,7 +128,7 @@ def test_scan_matches_reference_python_loop(strategy):
   np.testing.assert_array_equal(scanned_BL, canvas_BL)
 
 
-@pytest.mark.parametrize("strategy", samplers.STRATEGIES)
+@pytest.mark.parametrize("strategy", samplers.TOKEN_STRATEGIES)
 def test_a_row_does_not_depend_on_its_batch(strategy):
   config = samplers.SamplerConfig(steps=6, strategy=strategy)
   tokens_BL, fixed_BL = prompts(4, 12, [0, 2, 4, 6])

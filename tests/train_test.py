@@ -15,7 +15,6 @@ import pytest
 import ddlm_jax
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
-from ddlm_jax import samplers
 from ddlm_jax import sharding
 from ddlm_jax import train
 from ddlm_jax.data import batching
@@ -169,8 +168,9 @@ def test_pipeline_generates_scores_and_respects_prompts(trained_workdir):
   assert model.generate(num_samples=3, steps=8, seed=1) == texts
   prompted = model.generate(["The", "A venue"], steps=8, strategy="random")
   assert prompted[0].startswith("The") and prompted[1].startswith("A venue")
-  config = samplers.SamplerConfig(steps=8, strategy="random")
-  assert model._sampler(config)._cache_size() == 1  # two calls with other prompts: one compilation
+  config = model._sampler_config(dict(steps=8, strategy="random"))
+  run = model._sampler(config, prefill_length=0, pad_after_eos=True, guide_fn=None)
+  assert run._cache_size() == 1  # two calls with other prompts: one compilation
   one_by_one = model.generate(["The", "A venue", "There is"], steps=8, strategy="random", batch_size=1)
   assert one_by_one[:2] == prompted
   result = model.score(["The Golden Lantern is a pub.", "zzzz qqqq xxxx"], num_samples=2)

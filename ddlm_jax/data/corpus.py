@@ -16,6 +16,10 @@ that of its derivation and the entropy is the expected sum of the entropies of t
   corpus = default_corpus()
   train = corpus.sample(10_000, seed=split_seed("train"))
   bits = -corpus.log_prob(train[0].text) / math.log(2)
+
+A record serialises to one line, the data side of the data-to-text and text-to-data tasks:
+
+  format_record(train[0].record)  # "name: The Golden Lantern | eat_type: coffee shop | ..."
 """
 import bisect
 import dataclasses
@@ -31,6 +35,8 @@ import numpy as np
 REQUIRED_ATTRIBUTES = ("name", "eat_type", "food", "area")
 OPTIONAL_ATTRIBUTES = (
     "atmosphere", "near", "price_range", "customer_rating", "family_friendly", "signature_dish")
+# Every attribute, in the order of a document's record and of its serialisation.
+ATTRIBUTES = REQUIRED_ATTRIBUTES + OPTIONAL_ATTRIBUTES
 # Optional attributes realised as clauses ("has a low price range"); the others sit in the intro.
 _PREDICATES = ("price_range", "customer_rating", "family_friendly", "signature_dish")
 _MAX_FOLLOW_UP_SENTENCES = 2
@@ -253,7 +259,7 @@ class RestaurantCorpus:
   def _derive(self, choose: "_Chooser") -> tuple[str, dict[str, str]]:
     """The grammar: makes every choice of one derivation through `choose`."""
     record = {}
-    for attribute in REQUIRED_ATTRIBUTES + OPTIONAL_ATTRIBUTES:
+    for attribute in ATTRIBUTES:
       if attribute in OPTIONAL_ATTRIBUTES and (
           attribute not in self.optional_attributes
           or not choose(f"present:{attribute}", 2, self._presence_probs, branching=True)):
@@ -380,7 +386,7 @@ class RestaurantCorpus:
   @functools.cached_property
   def _values(self) -> dict[str, tuple[str, ...]]:
     table = _TINY_VALUES if self.tiny else _FULL_VALUES
-    return {attribute: table[attribute] for attribute in REQUIRED_ATTRIBUTES + OPTIONAL_ATTRIBUTES
+    return {attribute: table[attribute] for attribute in ATTRIBUTES
             if attribute in REQUIRED_ATTRIBUTES or attribute in self.optional_attributes}
 
   @functools.cached_property
@@ -434,6 +440,36 @@ def split_seed(split: str, seed: int = 0) -> int:
   if seed < 0:
     raise ValueError(f"seed must be non-negative, got {seed}")
   return len(_SPLITS) * seed + _SPLITS.index(split)
+
+
+def format_record(record: Mapping[str, str], attributes: Sequence[str] = ()) -> str:
+  """One line "name: ... | eat_type: ... | ..." of a record, its attributes in ATTRIBUTES order.
+
+  Args:
+    record: attribute -> value, as in `Document.record`.
+    attributes: the attributes to write, where the record has them; empty for all it has.
+  """
+  unknown = (set(record) | set(attributes)) - set(ATTRIBUTES)
+  if unknown:
+    raise ValueError(f"unknown attributes {sorted(unknown)}; expected names from {ATTRIBUTES}")
+  return " | ".join(f"{attribute}: {record[attribute]}" for attribute in ATTRIBUTES
+                    if attribute in record and (not attributes or attribute in attributes))
+
+
+def parse_record(text: str) -> dict[str, str] | None:
+  """The record that `format_record` wrote as `text`, None if `text` is not such a line.
+
+  Whitespace around names and values is ignored; the fields may come in any order. An empty
+  text, a field without ": ", an unknown or repeated attribute or an empty value gives None.
+  """
+  record = {}
+  for field in text.split("|"):
+    attribute, separator, value = field.partition(": ")
+    attribute, value = attribute.strip(), value.strip()
+    if not separator or not value or attribute not in ATTRIBUTES or attribute in record:
+      return None
+    record[attribute] = value
+  return record
 
 
 class _Chooser:

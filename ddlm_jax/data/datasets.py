@@ -11,7 +11,15 @@ Sources:
                 $TFDS_DATA_DIR or ~/tensorflow_datasets) and downloaded there if missing, which
                 needs network access.
 
-The tokenizer is trained on the training texts only and cached in workdir/tokenizer.
+Tasks:
+  'lm':           language modelling: each row holds documents alone.
+  'data_to_text': each row is a pair [source..., EOS, target..., EOS, PAD, ...] (`batching.
+                  source_mask` finds the source): an embedded document's serialised record
+                  (`corpus.format_record`), then its text.
+  'text_to_data': the same pair the other way round: the text, then the record.
+
+The tokenizer is trained on the training split only (for a pair task, on both sides of the
+training pairs) and cached in workdir/tokenizer.
 """
 import dataclasses
 import os
@@ -26,6 +34,7 @@ from ddlm_jax.data import tokenizers
 
 SOURCES = ("embedded", "text_files", "tfds")
 PACKINGS = ("pad", "pack")
+TASKS = ("lm", "data_to_text", "text_to_data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +56,10 @@ class DataConfig:
     num_eval_docs: the same, for evaluation.
     validation_fraction: share of local documents held out for evaluation ('text_files').
     seed: seeds the embedded corpus's samples.
+    task: 'lm', 'data_to_text' or 'text_to_data'; the pair tasks need source='embedded' and
+      packing='pad'.
+    record_attributes: the attributes a pair's serialised record holds, of those the document
+      mentions; empty for all of them (pair tasks only).
   """
   source: str = "embedded"
   paths: tuple[str, ...] = ()
@@ -62,12 +75,15 @@ class DataConfig:
   num_eval_docs: int = 1_000
   validation_fraction: float = 0.05
   seed: int = 0
+  task: str = "lm"
+  record_attributes: tuple[str, ...] = ()
 
   def __post_init__(self):
-    paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
-    object.__setattr__(self, "paths", paths)  # Hashable, whatever sequence was given.
+    for field in ("paths", "record_attributes"):  # Hashable, whatever sequence was given.
+      value = getattr(self, field)
+      object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
     for field, allowed in (("source", SOURCES), ("tokenizer", tokenizers.KINDS),
-                           ("packing", PACKINGS), ("unit", local_text.UNITS)):
+                           ("packing", PACKINGS), ("unit", local_text.UNITS), ("task", TASKS)):
       if getattr(self, field) not in allowed:
         raise ValueError(f"DataConfig.{field} is {getattr(self, field)!r}; expected one of "
                          f"{allowed}")
@@ -83,23 +99,40 @@ class DataConfig:
       raise ValueError("DataConfig.paths must name at least one file for source='text_files'")
     if self.source == "tfds" and not self.tfds_name:
       raise ValueError("DataConfig.tfds_name must be set for source='tfds'")
+    if self.task != "lm" and (self.source, self.packing) != ("embedded", "pad"):
+      raise ValueError(f"DataConfig.task={self.task!r} needs source='embedded' and packing='pad', "
+                       f"got source={self.source!r} and packing={self.packing!r}")
+    if self.task == "lm" and self.record_attributes:
+      raise ValueError("DataConfig.record_attributes applies to the pair tasks only, not task='lm'")
+    if (set(self.record_attributes) - set(corpus.ATTRIBUTES)
+        or len(set(self.record_attributes)) != len(self.record_attributes)):
+      raise ValueError(f"DataConfig.record_attributes must be distinct names from "
+                       f"{corpus.ATTRIBUTES}, got {self.record_attributes}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DataBundle:
   """Everything training and evaluation need from the data.
 
+  For a pair task the scored text of a row is its target: eval_texts, eval_num_tokens and
+  eval_num_chars describe the targets.
+
   Attributes:
-    tokenizer: trained on the training texts.
+    tokenizer: trained on the training texts (both sides of the training pairs).
     train_rows: int32[N, L].
     eval_rows: int32[M, L].
-    eval_texts: the evaluation documents; row i holds text i in 'pad' mode.
+    eval_texts: the evaluation documents (pair targets); row i holds text i in 'pad' mode.
     eval_log_probs: float64[M], exact natural-log p(text) of each evaluation row's text under
-      the generator (NaN where the row was cut short): embedded corpus in 'pad' mode only, else None.
-    eval_num_tokens: int32[M], text tokens in each evaluation row (EOS and PAD excluded).
+      the generator (NaN where the row was cut short): embedded corpus in 'pad' mode and task
+      'lm' only, else None.
+    eval_num_tokens: int32[M], text tokens in each evaluation row (EOS and PAD excluded; for
+      pairs, those of the target only).
     eval_num_chars: int32[M], characters of the text each evaluation row holds (for bits per
       character; exact for the char tokenizer, up to word-boundary spaces at cuts for sentencepiece).
-    num_truncated: documents, training and evaluation, cut short to fit a row ('pad' mode).
+    num_truncated: documents or pairs, training and evaluation, cut short to fit a row ('pad' mode).
+    eval_sources: the evaluation pairs' sources; None for task 'lm'.
+    eval_targets: the evaluation pairs' targets, whole; None for task 'lm'.
+    eval_records: the evaluation documents' full records (for attribute accuracy); None for 'lm'.
   """
   tokenizer: tokenizers.Tokenizer
   train_rows: np.ndarray
@@ -109,10 +142,15 @@ class DataBundle:
   eval_num_tokens: np.ndarray
   eval_num_chars: np.ndarray
   num_truncated: int
+  eval_sources: tuple[str, ...] | None = None
+  eval_targets: tuple[str, ...] | None = None
+  eval_records: tuple[dict[str, str], ...] | None = None
 
 
 def load_data(config: DataConfig, workdir: str) -> DataBundle:
   """Reads the texts, builds (or loads) the tokenizer and lays the documents out in rows."""
+  if config.task != "lm":
+    return _load_pairs(config, workdir)
   train_texts, eval_texts, eval_log_probs = _load_texts(config, workdir)
   tokenizer = tokenizers.build_tokenizer(config.tokenizer, train_texts,
                                          os.path.join(workdir, "tokenizer"), config.vocab_size)
@@ -140,6 +178,56 @@ def load_data(config: DataConfig, workdir: str) -> DataBundle:
                     num_truncated=num_truncated)
 
 
+def _load_pairs(config: DataConfig, workdir: str) -> DataBundle:
+  """`load_data` for a pair task: rows [source..., EOS, target..., EOS, PAD, ...].
+
+  A pair too long for a row loses the end of its target, as `batching.pad_documents` cuts it.
+  """
+  train, evaluation = _embedded_documents(config)
+  train_pairs = [_pair(document, config) for document in train]
+  eval_pairs = [_pair(document, config) for document in evaluation]
+  train_sides = [side for pair in train_pairs for side in pair]  # Texts and records both.
+  tokenizer = tokenizers.build_tokenizer(config.tokenizer, train_sides,
+                                         os.path.join(workdir, "tokenizer"), config.vocab_size)
+  train_docs = _encode_pairs(train_pairs, tokenizer, config.seq_len)
+  eval_docs = _encode_pairs(eval_pairs, tokenizer, config.seq_len)
+  num_eval_truncated = batching.count_truncated(eval_docs, config.seq_len)
+  if num_eval_truncated:
+    logging.warning("%d of %d evaluation pairs are longer than seq_len=%d; their targets were cut",
+                    num_eval_truncated, len(eval_docs), config.seq_len)
+  eval_rows = _rows(eval_docs, config, tokenizer)
+  target_ML = ~batching.source_mask(eval_rows, tokenizer.eos_id)
+  target_text_ML = target_ML & (eval_rows != tokenizer.eos_id) & (eval_rows != tokenizer.pad_id)
+  eval_targets = tuple(target for _, target in eval_pairs)
+  return DataBundle(
+      tokenizer=tokenizer, train_rows=_rows(train_docs, config, tokenizer), eval_rows=eval_rows,
+      eval_texts=eval_targets, eval_log_probs=None,
+      eval_num_tokens=np.sum(target_text_ML, axis=1, dtype=np.int32),
+      eval_num_chars=np.array([len(tokenizer.decode(row[target]))
+                               for row, target in zip(eval_rows, target_ML)], np.int32),
+      num_truncated=batching.count_truncated(train_docs, config.seq_len) + num_eval_truncated,
+      eval_sources=tuple(source for source, _ in eval_pairs), eval_targets=eval_targets,
+      eval_records=tuple(dict(document.record) for document in evaluation))
+
+
+def _pair(document: corpus.Document, config: DataConfig) -> tuple[str, str]:
+  """(source, target) of a document for the config's pair task."""
+  record = corpus.format_record(document.record, config.record_attributes)
+  return (record, document.text) if config.task == "data_to_text" else (document.text, record)
+
+
+def _encode_pairs(pairs: list[tuple[str, str]], tokenizer: tokenizers.Tokenizer,
+                  seq_len: int) -> list[list[int]]:
+  """Each pair as one document, source + [EOS] + target, after checking every source fits a row."""
+  sources = [tokenizer.encode(source) for source, _ in pairs]
+  longest = max(map(len, sources), default=0)
+  if longest + 2 > seq_len:  # The source, its [EOS] and the target's [EOS].
+    raise ValueError(f"a source of {longest} tokens does not fit in a row of seq_len={seq_len}: "
+                     f"raise DataConfig.seq_len to at least {longest + 2}")
+  return [source + [tokenizer.eos_id] + tokenizer.encode(target)
+          for source, (_, target) in zip(sources, pairs)]
+
+
 def _num_chars(row_L: np.ndarray, tokenizer: tokenizers.Tokenizer) -> int:
   """Characters of the text in a row: each [EOS]-separated piece decoded on its own."""
   pieces = np.split(row_L, np.flatnonzero(row_L == tokenizer.eos_id))
@@ -159,10 +247,7 @@ def _load_texts(config: DataConfig,
                 workdir: str) -> tuple[list[str], list[str], np.ndarray | None]:
   """Training texts, evaluation texts and, for the embedded corpus, their exact log-probs."""
   if config.source == "embedded":
-    generator = corpus.default_corpus()
-    train = generator.sample(config.num_train_docs, corpus.split_seed("train", config.seed))
-    evaluation = generator.sample(config.num_eval_docs,
-                                  corpus.split_seed("validation", config.seed))
+    train, evaluation = _embedded_documents(config)
     return ([doc.text for doc in train], [doc.text for doc in evaluation],
             np.array([doc.log_prob for doc in evaluation], np.float64))
   if config.source == "text_files":
@@ -176,6 +261,13 @@ def _load_texts(config: DataConfig,
   return (_catalog_documents(config, "train", config.num_train_docs),
           _catalog_documents(config, config.tfds_eval_split, config.num_eval_docs),
           None)
+
+
+def _embedded_documents(config: DataConfig) -> tuple[list[corpus.Document], list[corpus.Document]]:
+  """The embedded corpus's training and evaluation documents."""
+  generator = corpus.default_corpus()
+  return (generator.sample(config.num_train_docs, corpus.split_seed("train", config.seed)),
+          generator.sample(config.num_eval_docs, corpus.split_seed("validation", config.seed)))
 
 
 def _catalog_documents(config: DataConfig, split: str, limit: int) -> list[str]:

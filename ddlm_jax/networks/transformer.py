@@ -1,5 +1,10 @@
 """Pre-norm transformer: the bidirectional denoiser, or (causal) AR baseline.
 
+It reads token ids and returns logits, or, with `latent_dim > 0` (the Gaussian family), reads
+points of a learned token-embedding space and predicts clean points there: z_t float[B, L, E] ->
+z0_hat float32[B, L, E] through an input projection E -> D and an output projection D -> E, with
+the word-embedding table E(w) (`embedding`, [V, E]) that the process diffuses.
+
 Positions enter only through RoPE on queries and keys, so any length up to
 `max_len` runs on the same parameters. With `time_conditioning` the noise
 level t shifts and scales every norm's output adaLN-style (zero-initialised,
@@ -46,6 +51,8 @@ class TransformerConfig:
     remat: recompute each block's activations in the backward pass.
     dtype: compute dtype, 'float32' or 'bfloat16'; parameters stay float32
       and logits are float32.
+    latent_dim: E; 0: token ids in, logits out; > 0: points of the
+      E-dimensional token-embedding space in, predicted clean points out.
   """
   vocab_size: int
   max_len: int
@@ -58,6 +65,7 @@ class TransformerConfig:
   dropout_rate: float = 0.0
   remat: bool = False
   dtype: str = "float32"
+  latent_dim: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "max_len", "num_layers", "num_heads",
@@ -75,6 +83,16 @@ class TransformerConfig:
           f"dropout_rate must lie in [0, 1), got {self.dropout_rate}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.latent_dim < 0:
+      raise ValueError(f"latent_dim must be >= 0, got {self.latent_dim}")
+    if self.latent_dim and self.causal:
+      raise ValueError("latent_dim > 0 (embedding-space inputs) needs a "
+                       "bidirectional model, not causal=True")
+
+  @property
+  def output_dim(self) -> int:
+    """V logits, or E coordinates of the predicted clean point."""
+    return self.latent_dim or self.vocab_size
 
   @property
   def head_dim(self) -> int:
@@ -134,14 +152,22 @@ def _norm_and_modulate(norm, x_BLD, shift_and_scale):
 
 
 class Transformer(nnx.Module):
-  """tokens int32[B, L] (and t float32[B]) -> logits float32[B, L, V]."""
+  """tokens int32[B, L] (and t float32[B]) -> logits float32[B, L, V]; with
+  latent_dim E > 0, z_t float[B, L, E] (and t) -> z0_hat float32[B, L, E]."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = config
-    d, v = config.embed_dim, config.vocab_size
-    self.embedding = layers.logical_param(
-        rngs, layers.fan_in_init(in_axis=1, out_axis=0), (v, d),
-        ("vocab", "embed"))
+    d, v, e = config.embed_dim, config.vocab_size, config.latent_dim
+    if e:
+      self.embedding = layers.logical_param(
+          rngs, nnx.initializers.normal(1.0), (v, e), ("vocab", None))
+      self.input_projection = layers.logical_param(
+          rngs, layers.fan_in_init(in_axis=0, out_axis=1), (e, d),
+          (None, "embed"))
+    else:
+      self.embedding = layers.logical_param(
+          rngs, layers.fan_in_init(in_axis=1, out_axis=0), (v, d),
+          ("vocab", "embed"))
     self.time_embedding = (layers.TimeEmbedding(d, rngs=rngs)
                            if config.time_conditioning else None)
     self.blocks = nnx.List(
@@ -150,8 +176,8 @@ class Transformer(nnx.Module):
     self.final_modulation = (layers.Modulation(d, 2, d, rngs=rngs)
                              if config.time_conditioning else None)
     self.unembedding = layers.logical_param(
-        rngs, layers.fan_in_init(in_axis=0, out_axis=1), (d, v),
-        ("embed", "vocab"))
+        rngs, layers.fan_in_init(in_axis=0, out_axis=1), (d, config.output_dim),
+        ("embed", None if e else "vocab"))
 
   def __call__(
       self,
@@ -160,19 +186,20 @@ class Transformer(nnx.Module):
       *,
       dropout_key: jax.Array | None = None,
   ) -> jax.Array:
-    """Logits at every position.
+    """Logits (or predicted clean points) at every position.
 
     Args:
-      tokens_BL: int32[B, L] token ids, L <= max_len.
+      tokens_BL: int32[B, L] token ids, L <= max_len; with latent_dim E > 0,
+        points float[B, L, E] of the token-embedding space instead.
       t_B: float[B] (or a scalar) noise level in [0, 1]; required with
         time_conditioning, ignored without.
       dropout_key: PRNG key that switches dropout on (training); None: off.
 
     Returns:
-      float32[B, L, V] logits.
+      float32[B, L, V] logits; float32[B, L, E] with latent_dim E > 0.
     """
     config = self.config
-    batch, length = tokens_BL.shape
+    batch, length = tokens_BL.shape[:2]
     if length > config.max_len:
       raise ValueError(
           f"sequence length {length} exceeds max_len {config.max_len}")
@@ -249,8 +276,11 @@ class Transformer(nnx.Module):
     return self.config
 
   def _embed(self, tokens_BL):
-    return jnp.take(self.embedding[...], tokens_BL, axis=0).astype(
-        jnp.dtype(self.config.dtype))
+    dtype = jnp.dtype(self.config.dtype)
+    if self.config.latent_dim:
+      return jnp.einsum("BLE,ED->BLD", tokens_BL.astype(dtype),
+                        self.input_projection[...].astype(dtype))
+    return jnp.take(self.embedding[...], tokens_BL, axis=0).astype(dtype)
 
   def _conditioning(self, t_B, batch):
     """c float32[B, C] from the noise level; None without time conditioning."""
@@ -300,7 +330,9 @@ def num_params(config: TransformerConfig) -> int:
   """Number of scalar parameters of `Transformer(config)`."""
   d, v, f = config.embed_dim, config.vocab_size, config.mlp_dim
   per_block = 4 * d * d + 2 * d * f + 2 * d  # q, k, v, out; mlp; two norms
-  total = 2 * v * d + d + config.num_layers * per_block
+  e = config.latent_dim
+  input_output = (v * e + 2 * e * d) if e else 2 * v * d
+  total = input_output + d + config.num_layers * per_block
   if config.time_conditioning:
     modulation = lambda num: d * num * d + num * d
     total += 2 * (d * d + d)  # time-embedding MLP
@@ -312,13 +344,15 @@ def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward), PaLM-appendix style.
 
   6 * N + 12 * num_layers * embed_dim * seq_len, where
-  N = num_layers * (4 D^2 + 2 D F) + D V counts the weights of the per-token
-  matmuls (attention projections, MLP, output projection); the embedding lookup,
+  N = num_layers * (4 D^2 + 2 D F) + D V (+ 2 D E - D V with latent_dim E)
+  counts the weights of the per-token matmuls (attention projections, MLP,
+  input and output projections); the embedding lookup,
   norms and the per-sequence time conditioning are left out. The second term is
   the q.k and probs.v matmuls over the full L x L score matrix (the causal mask
   does not skip any work here).
   """
   d, f = config.embed_dim, config.mlp_dim
   matmul_params = (config.num_layers * (4 * d * d + 2 * d * f)
-                   + d * config.vocab_size)
+                   + d * config.output_dim
+                   + d * config.latent_dim)  # the input projection
   return float(6 * matmul_params + 12 * config.num_layers * d * seq_len)

@@ -14,10 +14,15 @@ functions of arrays and keys that take `model_fn(x_t_BL, t_B) -> logits_BLW` and
       one ancestral step x_t -> x_s (s < t) given the network's logits at x_t, using the two
       uniforms per position it is handed and `draw` (a `TokenDraw`) for sampling from p(x_0 | x_t).
 
+The Gaussian family (`gaussian.py`) diffuses embeddings instead of tokens: it takes a
+`gaussian.EmbeddingModel` (the network's denoiser z_t -> z0_hat and its embedding table) where the
+others take model_fn, and its reverse step (`step_mean_var`) moves points, not tokens.
+
 Class attributes tell the rest of the library what a process needs:
   causal_network: the denoiser must use causal attention (autoregressive baseline).
   exact_likelihood: `nelbo` is the exact NLL, not a Monte Carlo bound (one pass scores it).
   mask_id (absorbing processes only): the k-reveal sampler strategies need it.
+  continuous (the Gaussian family only): the sampler's state is a point of the embedding space.
 Time runs over [0, 1] for every family (t = 1 is pure noise); discrete-time processes map it to
 their step grid.
 

@@ -44,9 +44,14 @@ point. Every function here reads the table through `normalize_embeddings`, which
 to norm sqrt(D) (unit per-coordinate scale, matching the unit-variance noise), so the norms cannot
 shrink and the rounding term pushes distinct words apart.
 
-Partial noising (DiffuSeq): positions marked `keep_BL` / `prompt_mask_BL` / `fixed_BL` stay at
-their clean embedding E(w) at every t and are never scored. Samplers: ancestral DDPM and DDIM
-(Song et al. 2021, eta = 0 deterministic), with Diffusion-LM's clamping trick as an option.
+Partial noising (DiffuSeq): positions marked `keep_BL` / `prompt_mask_BL` stay at their clean
+embedding E(w) at every t and are never scored. Reverse steps (`step_mean_var`): ancestral DDPM
+and DDIM (Song et al. 2021, eta = 0 deterministic); `samplers.sample` runs them, with
+Diffusion-LM's clamping trick as an option.
+
+The contract of `processes/base.py` holds with one difference: where the token families take
+`model_fn(x_t_BL, t_B) -> logits`, this process takes an `EmbeddingModel`, the network's
+denoiser z_t -> z0_hat together with its (learned) embedding table.
 """
 import dataclasses
 from typing import Callable
@@ -58,7 +63,20 @@ from ddlm_jax.processes import base
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 NOISE_KINDS = ("sqrt", "cosine")
-SAMPLERS = ("ddpm", "ddim")
+METHODS = ("ddpm", "ddim")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingModel:
+  """What the process needs from a network.
+
+  Attributes:
+    denoise_fn: (z_t float32[B, L, E], t float32[B]) -> z0_hat float32[B, L, E].
+    embeddings_VD: the learned table float[W, E], W >= V rows (padded rows are ignored); the
+      process reads it through `normalize_embeddings`.
+  """
+  denoise_fn: DenoiseFn
+  embeddings_VD: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +154,8 @@ def _per_row(x) -> jax.Array:
   return jnp.reshape(jnp.asarray(x, jnp.float32), (-1, 1, 1))
 
 
-def _hold(z_BLD: jax.Array, clean_BLD: jax.Array, keep_BL: jax.Array | None) -> jax.Array:
+def hold(z_BLD: jax.Array, clean_BLD: jax.Array, keep_BL: jax.Array | None) -> jax.Array:
+  """z with the kept positions (partial noising, fixed tokens) at their clean embedding."""
   return z_BLD if keep_BL is None else jnp.where(keep_BL[..., None], clean_BLD, z_BLD)
 
 
@@ -146,30 +165,35 @@ class GaussianDiffusion:
 
   Attributes:
     vocab_size: V, rows of the embedding table.
-    embed_dim: D.
+    latent_dim: D, the embedding size (the network's latent_dim).
     schedule: abar(t).
     num_steps: T, the grid of the discrete-time bound (and the default sampler grid).
     antithetic_time: draw a batch's times stratified (see `base.sample_times`).
   """
   vocab_size: int
-  embed_dim: int
+  latent_dim: int
   schedule: NoiseSchedule = NoiseSchedule()
   num_steps: int = 1000
   antithetic_time: bool = True
   causal_network = False
   exact_likelihood = False
+  continuous = True
 
   def __post_init__(self):
     if self.vocab_size < 2:
       raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
-    if self.embed_dim < 1:
-      raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+    if self.latent_dim < 1:
+      raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
     if self.num_steps < 1:
       raise ValueError(f"num_steps (T) must be >= 1, got {self.num_steps}")
 
+  def table(self, embeddings_VD: jax.Array) -> jax.Array:
+    """The normalised table of the V words, float32[V, D] (padded rows dropped)."""
+    return normalize_embeddings(embeddings_VD[:self.vocab_size])
+
   def embed(self, tokens_BL: jax.Array, embeddings_VD: jax.Array) -> jax.Array:
     """E(w): rows of the normalised table, float32[B, L, D]."""
-    return normalize_embeddings(embeddings_VD)[tokens_BL]
+    return self.table(embeddings_VD)[tokens_BL]
 
   def corrupt(self, z0_BLD: jax.Array, t_B: jax.Array, key: jax.Array,
               keep_BL: jax.Array | None = None) -> jax.Array:
@@ -184,7 +208,7 @@ class GaussianDiffusion:
     eps_BLD = jax.random.normal(key, z0_BLD.shape)
     zt_BLD = (jnp.sqrt(self.schedule.alpha_bar(_per_row(t_B))) * z0_BLD
               + jnp.sqrt(self.schedule.noise_var(_per_row(t_B))) * eps_BLD)
-    return _hold(zt_BLD, z0_BLD, keep_BL)
+    return hold(zt_BLD, z0_BLD, keep_BL)
 
   def posterior_coefficients(self, t, s) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(c_x, c_z, v) of q(z_s | z_t, z_0) = N(c_x z_0 + c_z z_t, v I) for s < t (any shapes)."""
@@ -214,7 +238,7 @@ class GaussianDiffusion:
 
   def rounding_log_probs(self, z0_BLD: jax.Array, embeddings_VD: jax.Array) -> jax.Array:
     """log p(w | z_0) = log softmax(-||z_0 - sqrt(abar(0)) E(w)||^2 / (2 (1 - abar(0)))), float32[B, L, V]."""
-    table_VD = jnp.sqrt(self.schedule.alpha_bar(0.0)) * normalize_embeddings(embeddings_VD)
+    table_VD = jnp.sqrt(self.schedule.alpha_bar(0.0)) * self.table(embeddings_VD)
     return jax.nn.log_softmax(-sq_distances(z0_BLD, table_VD) / (2.0 * self.schedule.noise_var(0.0)), -1)
 
   def _rounding_nll(self, x0_BL, e0_BLD, embeddings_VD, key) -> jax.Array:
@@ -222,15 +246,14 @@ class GaussianDiffusion:
     z0_BLD = self.corrupt(e0_BLD, jnp.zeros(x0_BL.shape[:1]), key)
     return -base.token_log_likelihood(self.rounding_log_probs(z0_BLD, embeddings_VD), x0_BL)
 
-  def nelbo(self, denoise_fn: DenoiseFn, embeddings_VD: jax.Array, x0_BL: jax.Array, key: jax.Array,
+  def nelbo(self, model: EmbeddingModel, x0_BL: jax.Array, key: jax.Array,
             prompt_mask_BL: jax.Array | None = None, t_B: jax.Array | None = None) -> base.Nelbo:
     """One-sample unbiased estimate of the discrete-time NELBO of each sequence, in nats.
 
     L_T + T * KL_i + rounding, with one step i ~ U{1..T} per sequence (i = ceil(t T)).
 
     Args:
-      denoise_fn: (z_t float32[B, L, D], t float32[B]) -> z0_hat float32[B, L, D].
-      embeddings_VD: the embedding table (normalised here).
+      model: the denoiser and its embedding table.
       x0_BL: clean tokens, int32[B, L].
       key: PRNG key.
       prompt_mask_BL: optional bool[B, L]; prompt/source positions: kept clean, never scored.
@@ -241,97 +264,57 @@ class GaussianDiffusion:
       t_B = base.sample_times(t_key, x0_BL.shape[0], self.antithetic_time)
     step_B = jnp.clip(jnp.ceil(t_B * self.num_steps), 1, self.num_steps)
     t_B, s_B = step_B / self.num_steps, (step_B - 1) / self.num_steps
-    e0_BLD = self.embed(x0_BL, embeddings_VD)
+    e0_BLD = self.embed(x0_BL, model.embeddings_VD)
     zt_BLD = self.corrupt(e0_BLD, t_B, noise_key, keep_BL=prompt_mask_BL)
-    kl_BL = self.num_steps * self.step_kl(e0_BLD, denoise_fn(zt_BLD, t_B), t_B, s_B)
-    nats_BL = kl_BL + self.prior_kl(e0_BLD) + self._rounding_nll(x0_BL, e0_BLD, embeddings_VD, round_key)
+    kl_BL = self.num_steps * self.step_kl(e0_BLD, model.denoise_fn(zt_BLD, t_B), t_B, s_B)
+    nats_BL = (kl_BL + self.prior_kl(e0_BLD)
+               + self._rounding_nll(x0_BL, e0_BLD, model.embeddings_VD, round_key))
     scored_BL = base.scored_mask(x0_BL, prompt_mask_BL)
     return base.Nelbo(nats_B=jnp.where(scored_BL, nats_BL, 0.0).sum(-1),
                       num_tokens_B=scored_BL.sum(-1).astype(jnp.float32))
 
-  def loss(self, denoise_fn: DenoiseFn, embeddings_VD: jax.Array, x0_BL: jax.Array, key: jax.Array,
+  def loss(self, model: EmbeddingModel, x0_BL: jax.Array, key: jax.Array,
            prompt_mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Diffusion-LM's end-to-end objective, mse + prior + rounding (see the module docstring),
     averaged over scored positions; returns (loss, metrics)."""
     t_key, noise_key, round_key = jax.random.split(key, 3)
     t_B = base.sample_times(t_key, x0_BL.shape[0], self.antithetic_time)
-    e0_BLD = self.embed(x0_BL, embeddings_VD)
+    e0_BLD = self.embed(x0_BL, model.embeddings_VD)
     zt_BLD = self.corrupt(e0_BLD, t_B, noise_key, keep_BL=prompt_mask_BL)
-    terms = {"mse": jnp.mean((denoise_fn(zt_BLD, t_B) - e0_BLD) ** 2, axis=-1),
-             "prior": self.prior_kl(e0_BLD) / self.embed_dim,
-             "rounding": self._rounding_nll(x0_BL, e0_BLD, embeddings_VD, round_key)}
+    terms = {"mse": jnp.mean((model.denoise_fn(zt_BLD, t_B) - e0_BLD) ** 2, axis=-1),
+             "prior": self.prior_kl(e0_BLD) / self.latent_dim,
+             "rounding": self._rounding_nll(x0_BL, e0_BLD, model.embeddings_VD, round_key)}
     scored_BL = base.scored_mask(x0_BL, prompt_mask_BL)
     count = jnp.maximum(scored_BL.sum(), 1)
     metrics = {name: jnp.where(scored_BL, term_BL, 0.0).sum() / count for name, term_BL in terms.items()}
     metrics["loss"] = sum(metrics.values())
     return metrics["loss"], metrics
 
-  def ddpm_step(self, zt_BLD: jax.Array, z0_hat_BLD: jax.Array, t, s, noise_BLD: jax.Array) -> jax.Array:
-    """Ancestral step z_s ~ p(z_s | z_t) = q(z_s | z_t, z0_hat)."""
-    mean_BLD, var = self.posterior(zt_BLD, z0_hat_BLD, t, s)
-    return mean_BLD + jnp.sqrt(var) * noise_BLD
+  def step_mean_var(self, zt_BLD: jax.Array, z0_hat_BLD: jax.Array, t, s, method: str = "ddpm",
+                    eta: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The reverse step z_t -> z_s (s < t) as z_s = mean + sqrt(noise_var) noise.
 
-  def ddim_step(self, zt_BLD: jax.Array, z0_hat_BLD: jax.Array, t, s, noise_BLD: jax.Array,
-                eta: float) -> jax.Array:
-    """DDIM step (Song et al. 2021, eq. 12): z_s = sqrt(abar_s) z0_hat + sqrt(1 - abar_s - sigma^2) eps_hat
-    + sigma noise, sigma^2 = eta^2 v(t, s); eta = 0 is deterministic, eta = 1 is the DDPM step."""
+    'ddpm' (ancestral): p(z_s | z_t) = q(z_s | z_t, z0_hat). 'ddim' (Song et al. 2021, eq. 12):
+    mean = sqrt(abar_s) z0_hat + sqrt(1 - abar_s - sigma^2) eps_hat with sigma^2 = eta^2 v(t, s):
+    eta = 0 is deterministic, eta = 1 is the DDPM step.
+
+    Returns:
+      (mean float32[B, L, D], noise_var, posterior_var), variances broadcastable to [B, 1, 1];
+      posterior_var is q's v(t, s) whatever the method (the scale of guidance's fluency term).
+    """
+    if method not in METHODS:
+      raise ValueError(f"reverse step method {method!r} is not one of {METHODS}")
     t, s = _per_row(t), _per_row(s)
-    abar_s, abar_t = self.schedule.alpha_bar(s), self.schedule.alpha_bar(t)
-    eps_hat_BLD = (zt_BLD - jnp.sqrt(abar_t) * z0_hat_BLD) / jnp.sqrt(self.schedule.noise_var(t))
-    sigma_sq = eta ** 2 * self.posterior_coefficients(t, s)[2]
-    direction = jnp.sqrt(jnp.maximum(self.schedule.noise_var(s) - sigma_sq, 0.0))
-    return jnp.sqrt(abar_s) * z0_hat_BLD + direction * eps_hat_BLD + jnp.sqrt(sigma_sq) * noise_BLD
-
-
-def sample(denoise_fn: DenoiseFn, process: GaussianDiffusion, embeddings_VD: jax.Array, steps: int,
-           key: jax.Array, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, method: str = "ddpm",
-           eta: float = 0.0, clamp: bool = False) -> jax.Array:
-  """Generates tokens with one `lax.scan` over the grid t_k = k / steps, k = steps..1.
-
-  Jit it with `process`, `steps`, `method`, `eta` and `clamp` static (and `denoise_fn` closed over).
-
-  Fixed positions (infilling constraints, DiffuSeq source) are held at their clean embedding at
-  every step, never re-noised: that is what partial noising shows the network in training, so the
-  sampler conditions on them exactly as the loss does. They are copied into the output unchanged.
-
-  Args:
-    denoise_fn: (z_t float32[B, L, D], t float32[B]) -> z0_hat float32[B, L, D].
-    process: the Gaussian process.
-    embeddings_VD: the embedding table (normalised here).
-    steps: reverse steps (may be fewer than process.num_steps).
-    key: PRNG key.
-    fixed_tokens_BL: int32[B, L] tokens at the fixed positions (others ignored).
-    fixed_BL: bool[B, L]; True positions are fixed.
-    method: 'ddpm' (ancestral) or 'ddim'.
-    eta: DDIM noise scale (0: deterministic); ignored by 'ddpm'.
-    clamp: snap z0_hat to the nearest embedding row before each step (Diffusion-LM's clamping trick).
-
-  Returns:
-    tokens int32[B, L]: the final z_0 rounded to the nearest embedding, fixed positions unchanged.
-  """
-  if method not in SAMPLERS:
-    raise ValueError(f"sampler method {method!r} is not one of {SAMPLERS}")
-  if steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
-  if eta < 0:
-    raise ValueError(f"eta must be >= 0, got {eta}")
-  table_VD = normalize_embeddings(embeddings_VD)
-  clean_BLD = table_VD[fixed_tokens_BL]
-  batch_size = fixed_BL.shape[0]
-  init_key, step_key = jax.random.split(key)
-  z_BLD = _hold(jax.random.normal(init_key, clean_BLD.shape), clean_BLD, fixed_BL)
-
-  def body(z_BLD, k):
-    t, s = k / steps, (k - 1) / steps
-    z0_hat_BLD = denoise_fn(z_BLD, jnp.full((batch_size,), t))
-    if clamp:
-      z0_hat_BLD = clamp_to_embeddings(z0_hat_BLD, table_VD)
-    noise_BLD = jax.random.normal(jax.random.fold_in(step_key, k), z_BLD.shape)
+    posterior_mean_BLD, posterior_var = self.posterior(zt_BLD, z0_hat_BLD, t, s)
     if method == "ddpm":
-      z_BLD = process.ddpm_step(z_BLD, z0_hat_BLD, t, s, noise_BLD)
-    else:
-      z_BLD = process.ddim_step(z_BLD, z0_hat_BLD, t, s, noise_BLD, eta)
-    return _hold(z_BLD, clean_BLD, fixed_BL), None
+      return posterior_mean_BLD, posterior_var, posterior_var
+    eps_hat_BLD = ((zt_BLD - jnp.sqrt(self.schedule.alpha_bar(t)) * z0_hat_BLD)
+                   / jnp.sqrt(self.schedule.noise_var(t)))
+    sigma_sq = eta ** 2 * posterior_var
+    direction = jnp.sqrt(jnp.maximum(self.schedule.noise_var(s) - sigma_sq, 0.0))
+    mean_BLD = jnp.sqrt(self.schedule.alpha_bar(s)) * z0_hat_BLD + direction * eps_hat_BLD
+    return mean_BLD, sigma_sq, posterior_var
 
-  z_BLD, _ = jax.lax.scan(body, z_BLD, jnp.arange(steps, 0, -1))
-  return jnp.where(fixed_BL, fixed_tokens_BL, round_to_tokens(z_BLD, table_VD)).astype(jnp.int32)
+  def initial_state(self, clean_BLD: jax.Array, fixed_BL: jax.Array, key: jax.Array) -> jax.Array:
+    """z_1 ~ N(0, I) at free positions, the clean embedding at fixed ones, float32[B, L, D]."""
+    return hold(jax.random.normal(key, clean_BLD.shape), clean_BLD, fixed_BL)
