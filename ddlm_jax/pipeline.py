@@ -158,10 +158,11 @@ class Pipeline:
       tokens_NL[row, :len(ids)] = ids
       source_NL[row, :len(ids)] = True
     repeat = lambda x: np.repeat(x, num_candidates, axis=0)
+    tokens_NL, source_NL = repeat(tokens_NL), repeat(source_NL)
     condition_NL = source_NL & (tokens_NL != self.tokenizer.eos_id)
-    outputs_NL = self._run(repeat(tokens_NL), repeat(source_NL), repeat(condition_NL),
-                           self._sampler_config(settings), seed, batch_size, pad_after_eos=False)
-    targets = [self.tokenizer.decode(row[~source_L]) for row, source_L in zip(outputs_NL, repeat(source_NL))]
+    outputs_NL = self._run(tokens_NL, source_NL, condition_NL, self._sampler_config(settings), seed,
+                           batch_size, pad_after_eos=False)
+    targets = [self.tokenizer.decode(row[~source_L]) for row, source_L in zip(outputs_NL, source_NL)]
     grouped = [targets[i:i + num_candidates] for i in range(0, len(targets), num_candidates)]
     return [candidates[evaluate.mbr_select(candidates)] for candidates in grouped]
 

@@ -13,17 +13,13 @@ from ddlm_jax.data import corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 from experiments import compare  # pylint: disable=g-import-not-at-top
 from experiments import diffuseq_tiny  # pylint: disable=g-import-not-at-top
 from experiments import diffusion_lm  # pylint: disable=g-import-not-at-top
 from experiments import diffusion_lm_tiny  # pylint: disable=g-import-not-at-top
 from experiments import seq2seq  # pylint: disable=g-import-not-at-top
-
-
-def short(config):
-  config.train.update(num_steps=12, checkpoint_every=12, log_every=6)
-  config.eval.update(max_docs=16)
-  return config
+from families_test import short  # pylint: disable=g-import-not-at-top
 
 
 def test_diffusion_lm_trains_samples_infills_and_scores(tmp_path):
