@@ -7,7 +7,7 @@
 The target is a pair of attributes (default food=Italian, area=riverside).
 - Unguided and classifier-guided rows sample the unconditional Diffusion-LM (--lm). The guided rows
   use a classifier of (food, area) trained here on noisy embeddings of the LM's own table, at each
-  guidance step size.
+  guidance scale.
 - Classifier-free rows sample the conditional DiffuSeq model (--cfg_model), trained on
   "food: X | area: Y" -> text with 10% of the sources dropped, at each guidance scale.
 Success is read off the text:
@@ -36,7 +36,7 @@ _AR = flags.DEFINE_string("ar", "workdirs/compare/ar_embedded", "AR judge workdi
 _TARGET = flags.DEFINE_list("target", ["food=Italian", "area=riverside"], "attribute=value pairs.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "Samples per row.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Sampling steps.")
-_STEP_SIZES = flags.DEFINE_list("step_sizes", ["1", "4"], "Classifier-guidance step sizes.")
+_CLASSIFIER_SCALES = flags.DEFINE_list("classifier_scales", ["3", "10", "30"], "Classifier-guidance scales gamma.")
 _SCALES = flags.DEFINE_list("scales", ["0", "1", "3"], "Classifier-free guidance scales.")
 _CLASSIFIER_DOCS = flags.DEFINE_integer("classifier_docs", 20_000, "Training documents of the classifier.")
 _CLASSIFIER_STEPS = flags.DEFINE_integer("classifier_steps", 600, "Classifier training steps.")
@@ -53,13 +53,10 @@ def judge(texts, target, encode, ar_model, reference) -> dict:
 
 def classifier_data(model, reference, attributes, num_docs, split):
   """Token rows and (attribute class) labels of generated documents."""
-  values = reference.attribute_values()
   documents = reference.sample(num_docs, corpus.split_seed(split))
   rows_NL = batching.pad_documents([model.tokenizer.encode(doc.text) for doc in documents], model.seq_len,
                                    eos_id=model.tokenizer.eos_id, pad_id=model.tokenizer.pad_id)
-  labels_NA = np.array([[values[a].index(doc.record[a]) if a in doc.record else -1 for a in attributes]
-                        for doc in documents], np.int32)
-  return rows_NL, labels_NA
+  return rows_NL, reference.attribute_labels([doc.record for doc in documents], attributes)
 
 
 def main(argv):
@@ -71,13 +68,13 @@ def main(argv):
   attributes = tuple(target)
   lm, ar_model = ddlm_jax.load(_LM.value), ddlm_jax.load(_AR.value)
   embeddings_VD = train.bind(lm.graphdef, lm.params).embeddings_VD
-  config = classifier.ClassifierConfig(latent_dim=lm.process.latent_dim, max_len=lm.seq_len,
+  config = classifier.ClassifierConfig(vocab_size=lm.process.vocab_size, max_len=lm.seq_len,
                                        num_classes=tuple(len(values[a]) for a in attributes))
   rows_NL, labels_NA = classifier_data(lm, reference, attributes, _CLASSIFIER_DOCS.value, "train")
   graphdef, params = guidance.train_classifier(lm.process, embeddings_VD, rows_NL, labels_NA, config,
                                                num_steps=_CLASSIFIER_STEPS.value, learning_rate=1e-3)
   classes = {i: values[a].index(target[a]) for i, a in enumerate(attributes)}
-  log_prob_fn = guidance.attribute_log_prob_fn(graphdef, params, classes)
+  log_prob_fn = guidance.attribute_log_prob_fn(graphdef, params, lm.process, embeddings_VD, classes)
   eval_rows_NL, eval_labels_NA = classifier_data(lm, reference, attributes, 512, "validation")
   targeted = (eval_labels_NA == np.array([classes[i] for i in range(len(attributes))])).all(axis=1)
   classifier_accuracy = {}
@@ -93,10 +90,10 @@ def main(argv):
   texts = lm.generate(**settings)
   rows.append({"method": "unguided (Diffusion-LM)", "strength": 0, **judge(texts, target, lm.tokenizer.encode,
                                                                           ar_model, reference)})
-  for step_size in map(float, _STEP_SIZES.value):
-    guide_fn = guidance.classifier_guidance(log_prob_fn, guidance.ClassifierGuidance(step_size=step_size))
+  for scale in map(float, _CLASSIFIER_SCALES.value):
+    guide_fn = guidance.classifier_guidance(log_prob_fn, guidance.ClassifierGuidance(scale=scale))
     texts = lm.generate(guide_fn=guide_fn, **settings)
-    rows.append({"method": "classifier guidance", "strength": step_size,
+    rows.append({"method": "classifier guidance", "strength": scale,
                  **judge(texts, target, lm.tokenizer.encode, ar_model, reference)})
   cfg_model = ddlm_jax.load(_CFG_MODEL.value)
   source = corpus.format_record(target, attributes)

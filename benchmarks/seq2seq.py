@@ -9,7 +9,7 @@ text_to_data): translates the first --num_pairs held-out sources and scores the 
   the generator parses with exactly the source record.
 - 'text_to_data': exact-match and per-attribute accuracy of the parsed records.
 Diffusion families decode once and with minimum-Bayes-risk selection over --mbr candidates; the
-AR baseline decodes greedily. Writes benchmarks/results/seq2seq.json.
+AR baseline decodes greedily. Writes benchmarks/results/seq2seq_TASK.json.
 """
 import os
 
@@ -45,8 +45,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   reference = corpus.default_corpus()
-  rows = []
   for task in _TASKS.value:
+    rows = []
     for family in _FAMILIES.value:
       workdir = os.path.join(_ROOT.value, f"{family}_{task}")
       if not os.path.isdir(workdir):
@@ -64,9 +64,9 @@ def main(argv):
                      **score(task, outputs, sources, targets, records, reference),
                      "example": {"source": sources[0], "output": outputs[0], "reference": targets[0]}})
         print(rows[-1])
-  path = common.write_json("seq2seq", {"num_pairs": _NUM_PAIRS.value, "steps": _STEPS.value,
-                                       "device": common.device_description(), "rows": rows})
-  print(f"wrote {path}")
+    path = common.write_json(f"seq2seq_{task}", {"num_pairs": _NUM_PAIRS.value, "steps": _STEPS.value,
+                                                  "device": common.device_description(), "rows": rows})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

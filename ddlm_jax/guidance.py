@@ -14,16 +14,18 @@ predicted clean embedding z0_hat (equivalently the predicted noise, an affine fu
 
 Classifier guidance (Diffusion-LM, Li et al. 2022, Sec. 5.2; Dhariwal & Nichol 2021). A classifier
 log p(c | z_t, t) on noisy embeddings steers an unconditional Gaussian model: each reverse step's
-proposal z_s ~ N(mu, v) is replaced by a few gradient-ascent steps from mu on
+proposal z_s ~ N(mu, v) moves toward the maximum of
 
-  lambda_fluency * log N(z_s; mu, v) + log p(c | z_s, s)
+  log N(z_s; mu, v) + gamma log p(c | z_s, s)
 
-(the fluency term keeps z_s near what the language model proposes), and the step's noise is
-added after. `train_classifier` fits such a classifier (`networks/classifier.py`) on noisy
-embeddings of the language model's table and `attribute_log_prob_fn` makes its target log-prob.
-The ascent is preconditioned by v, z <- z + eta v grad, so its first step is
-Dhariwal & Nichol's mu + eta v grad log p(c | mu) and the fluency pull stays stable as v -> 0
-(it contracts z - mu by 1 - eta lambda_fluency per step). `classifier_guidance` builds that update; `samplers.sample` calls it every step.
+(the fluency term keeps z_s near what the language model proposes; gamma is the guidance scale,
+1 / lambda for Diffusion-LM's fluency weight lambda), and the step's noise is added after. The
+maximum solves z = mu + gamma v grad log p(c | z, s); `classifier_guidance` runs a few fixed-point
+iterations of that from z = mu (preconditioned gradient ascent with unit step). The first is
+Dhariwal & Nichol's mu + gamma v grad log p(c | mu), and all stay stable as v -> 0.
+`train_classifier` fits such a classifier (`networks/classifier.py`), which reads z_t through the
+language model's word posterior p(w | z_t), and `attribute_log_prob_fn` makes its target
+log-prob; `samplers.sample` calls the update every step.
 """
 import dataclasses
 from typing import Callable, Mapping
@@ -87,21 +89,17 @@ class ClassifierGuidance:
   """Settings of classifier guidance (Diffusion-LM's control).
 
   Attributes:
-    num_steps: gradient-ascent steps on z_s per reverse step.
-    step_size: eta, their step size in units of the step's variance v.
-    fluency_weight: lambda_fluency, weight of log N(z_s; mu, v) against the classifier.
+    scale: gamma, the weight of log p(c | z_s, s) against the fluency term log N(z_s; mu, v).
+    num_steps: fixed-point iterations toward their maximum per reverse step.
   """
+  scale: float = 1.0
   num_steps: int = 3
-  step_size: float = 1.0
-  fluency_weight: float = 0.5
 
   def __post_init__(self):
+    if not self.scale > 0:
+      raise ValueError(f"classifier guidance scale must be > 0, got {self.scale}")
     if self.num_steps < 1:
       raise ValueError(f"classifier guidance num_steps must be >= 1, got {self.num_steps}")
-    if not self.step_size > 0:
-      raise ValueError(f"classifier guidance step_size must be > 0, got {self.step_size}")
-    if not self.fluency_weight >= 0:
-      raise ValueError(f"classifier guidance fluency_weight must be >= 0, got {self.fluency_weight}")
 
 
 def classifier_guidance(target_log_prob_fn: TargetLogProbFn, settings: ClassifierGuidance) -> GuideFn:
@@ -111,15 +109,12 @@ def classifier_guidance(target_log_prob_fn: TargetLogProbFn, settings: Classifie
     guide_fn(mean, posterior_var, s, free) -> the guided mean; only free positions move.
   """
   def guide_fn(mean_BLD, posterior_var, s_B, free_BL):
-    def objective(z_BLD):
-      fluency_B = -((z_BLD - mean_BLD) ** 2 / (2.0 * posterior_var)).sum(axis=(1, 2))
-      return (settings.fluency_weight * fluency_B + target_log_prob_fn(z_BLD, s_B)).sum()
+    grad_fn = jax.grad(lambda z_BLD: target_log_prob_fn(z_BLD, s_B).sum())
 
-    def ascend(_, z_BLD):
-      step_BLD = settings.step_size * posterior_var * jax.grad(objective)(z_BLD)
-      return z_BLD + jnp.where(free_BL[..., None], step_BLD, 0.0)
+    def refine(_, z_BLD):
+      return mean_BLD + jnp.where(free_BL[..., None], settings.scale * posterior_var * grad_fn(z_BLD), 0.0)
 
-    return jax.lax.fori_loop(0, settings.num_steps, ascend, mean_BLD)
+    return jax.lax.fori_loop(0, settings.num_steps, refine, mean_BLD)
 
   return guide_fn
 
@@ -128,8 +123,10 @@ def train_classifier(process: gaussian.GaussianDiffusion, embeddings_VD: jax.Arr
                      labels_NA: np.ndarray, config: classifier.ClassifierConfig, *, num_steps: int = 500,
                      batch_size: int = 64, learning_rate: float = 1e-3,
                      seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
-  """Trains a `classifier.NoisyClassifier` on z_t ~ q(z_t | x_0), t ~ U[0, 1], under the language
-  model's (frozen) embedding table, so that it reads the z_t the sampler visits.
+  """Trains a `classifier.NoisyClassifier` on z_t ~ q(z_t | x_0), read through the language
+  model's (frozen) embedding table, so that it judges the z_t the sampler visits. Times are drawn
+  as t = u^2, u ~ U[0, 1]: half of them below t = 1/4, where the words are still legible (at
+  t = 1 nothing is, and a classifier there only learns the prior).
 
   Args:
     process: the Gaussian process of the language model.
@@ -143,14 +140,14 @@ def train_classifier(process: gaussian.GaussianDiffusion, embeddings_VD: jax.Arr
     (graphdef, params) of the classifier.
   """
   graphdef, params = nnx.split(classifier.NoisyClassifier(config, rngs=nnx.Rngs(seed)), nnx.Param)
+  classify = _noisy_text_classifier(graphdef, process, embeddings_VD)
   optimizer = optax.adam(learning_rate)
   table_VD = process.table(embeddings_VD)
 
   def loss_fn(params, rows_BL, labels_BA, key):
     t_key, noise_key = jax.random.split(key)
-    t_B = jax.random.uniform(t_key, rows_BL.shape[:1])
-    zt_BLD = process.corrupt(table_VD[rows_BL], t_B, noise_key)
-    logits = nnx.merge(graphdef, params)(zt_BLD, t_B)
+    t_B = jax.random.uniform(t_key, rows_BL.shape[:1]) ** 2
+    logits = classify(params, process.corrupt(table_VD[rows_BL], t_B, noise_key), t_B)
     known_BA = labels_BA >= 0
     nll_BA = jnp.stack([optax.softmax_cross_entropy_with_integer_labels(logits_BC, jnp.maximum(labels_BA[:, a], 0))
                         for a, logits_BC in enumerate(logits)], axis=1)
@@ -171,14 +168,14 @@ def train_classifier(process: gaussian.GaussianDiffusion, embeddings_VD: jax.Arr
   return graphdef, params
 
 
-def attribute_log_prob_fn(graphdef: nnx.GraphDef, params: nnx.State,
-                          targets: Mapping[int, int]) -> TargetLogProbFn:
+def attribute_log_prob_fn(graphdef: nnx.GraphDef, params: nnx.State, process: gaussian.GaussianDiffusion,
+                          embeddings_VD: jax.Array, targets: Mapping[int, int]) -> TargetLogProbFn:
   """log p(every target | z_s, s) = sum over attributes a of log p_a(targets[a] | z_s, s) under a
   trained classifier; `targets` maps attribute index -> class index."""
-  model = nnx.merge(graphdef, params)
+  classify = _noisy_text_classifier(graphdef, process, embeddings_VD)
 
   def target_log_prob_fn(z_BLD, s_B):
-    logits = model(z_BLD, s_B)
+    logits = classify(params, z_BLD, s_B)
     return sum(jax.nn.log_softmax(logits[a], axis=-1)[:, c] for a, c in targets.items())
 
   return target_log_prob_fn
@@ -191,7 +188,18 @@ def classifier_accuracy(graphdef: nnx.GraphDef, params: nnx.State, process: gaus
   (rows with label -1 left out)."""
   t_N = jnp.full((len(rows_NL),), t)
   zt_NLD = process.corrupt(process.table(embeddings_VD)[rows_NL], t_N, jax.random.key(seed))
-  logits = jax.jit(lambda z, t: nnx.merge(graphdef, params)(z, t))(zt_NLD, t_N)
+  logits = jax.jit(_noisy_text_classifier(graphdef, process, embeddings_VD))(params, zt_NLD, t_N)
   predicted_NA = np.stack([np.asarray(logits_NC).argmax(-1) for logits_NC in logits], axis=1)
   known_NA = labels_NA >= 0
   return ((predicted_NA == labels_NA) & known_NA).sum(0) / np.maximum(known_NA.sum(0), 1)
+
+
+def _noisy_text_classifier(graphdef: nnx.GraphDef, process: gaussian.GaussianDiffusion,
+                           embeddings_VD: jax.Array) -> Callable:
+  """(params, z_t float32[B, L, D], t float32[B]) -> the classifier's logits, reading z_t through
+  the word posterior p(w | z_t) of the language model's table."""
+  def classify(params, z_BLD, t_B):
+    word_probs_BLV = jnp.exp(process.word_log_posterior(z_BLD, t_B, embeddings_VD))
+    return nnx.merge(graphdef, params)(word_probs_BLV, t_B)
+
+  return classify

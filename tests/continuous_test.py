@@ -8,8 +8,11 @@ import pytest
 
 import ddlm_jax
 from ddlm_jax import config as config_lib
+from ddlm_jax import guidance
 from ddlm_jax import train
+from ddlm_jax.data import batching
 from ddlm_jax.data import corpus
+from ddlm_jax.networks import classifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -39,6 +42,36 @@ def test_diffusion_lm_trains_samples_infills_and_scores(tmp_path):
     model.generate(constraints=[{10_000: "x"}])
   with pytest.raises(ValueError, match="pair task"):
     model.translate(["food: Italian"])
+
+
+def test_classifier_guidance_steers_a_tiny_diffusion_lm_toward_a_target_area(tmp_path):
+  """Control end to end on the embedded corpus: a tiny Diffusion-LM (300 steps), a classifier of
+  'area' on its noisy embeddings, and samples with and without guidance toward area=riverside.
+  Success is the word 'riverside' in the sample. Measured here (jax 0.10, CPU): 0 of 32 unguided,
+  7 of 32 guided at scale 10."""
+  config = diffusion_lm_tiny.get_config()
+  config.train.update(num_steps=300, checkpoint_every=300, log_every=100)
+  config.eval.update(max_docs=16)
+  train.train_and_evaluate(config, str(tmp_path))
+  model = ddlm_jax.load(str(tmp_path))
+  reference = corpus.default_corpus()
+  documents = reference.sample(2_000, corpus.split_seed("train"))
+  rows_NL = batching.pad_documents([model.tokenizer.encode(doc.text) for doc in documents], model.seq_len,
+                                   eos_id=model.tokenizer.eos_id, pad_id=model.tokenizer.pad_id)
+  labels_NA = reference.attribute_labels([doc.record for doc in documents], ["area"])
+  embeddings_VD = train.bind(model.graphdef, model.params).embeddings_VD
+  areas = reference.attribute_values()["area"]
+  config = classifier.ClassifierConfig(vocab_size=model.process.vocab_size, num_classes=(len(areas),),
+                                       max_len=model.seq_len, num_layers=1, embed_dim=32, mlp_dim=64)
+  graphdef, params = guidance.train_classifier(model.process, embeddings_VD, rows_NL, labels_NA, config,
+                                               num_steps=300, batch_size=32, learning_rate=3e-3)
+  log_prob_fn = guidance.attribute_log_prob_fn(graphdef, params, model.process, embeddings_VD,
+                                               {0: areas.index("riverside")})
+  guide_fn = guidance.classifier_guidance(log_prob_fn, guidance.ClassifierGuidance(scale=10.0))
+  hits = {name: sum("riverside" in text for text in model.generate(num_samples=32, steps=50, seed=1, guide_fn=fn))
+          for name, fn in (("unguided", None), ("guided", guide_fn))}
+  print(f"samples with 'riverside' (of 32): {hits}")
+  assert hits["guided"] >= hits["unguided"] + 4
 
 
 @pytest.mark.parametrize("family", ["diffuseq", "ar"])

@@ -188,6 +188,16 @@ def test_format_record_writes_the_chosen_attributes_it_has():
     corpus.format_record(record, ("colour",))
 
 
+def test_attribute_labels_index_the_values_and_mark_missing_attributes():
+  reference = corpus.default_corpus()
+  values = reference.attribute_values()
+  records = [{"food": "Thai", "area": "seafront"}, {"food": "Italian"}]
+  labels_NA = reference.attribute_labels(records, ["area", "food"])
+  np.testing.assert_array_equal(labels_NA, [[values["area"].index("seafront"), values["food"].index("Thai")],
+                                            [-1, values["food"].index("Italian")]])
+  assert reference.attribute_labels([], ["food"]).shape == (0, 1)
+
+
 @pytest.mark.parametrize("text", [
     "", "   ", "name: The Fox |", "name The Fox", "name: The Fox | colour: red",
     "name: The Fox | name: The Owl", "name: ", "food: Thai | | area: seafront",

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 from ddlm_jax import samplers
 from ddlm_jax.processes import gaussian
@@ -104,10 +105,23 @@ def test_rounding_picks_the_nearest_embedding():
 def test_rounding_distribution_is_most_likely_at_the_nearest_embedding():
   process, table_VD = _process(), _table()
   z_BLD = jax.random.normal(jax.random.key(4), (3, 5, D))
-  log_probs_BLV = process.rounding_log_probs(z_BLD, table_VD)
+  log_probs_BLV = process.word_log_posterior(z_BLD, 0.0, table_VD)
   np.testing.assert_allclose(jnp.exp(log_probs_BLV).sum(-1), 1.0, rtol=1e-5)
   np.testing.assert_array_equal(log_probs_BLV.argmax(-1),
                                 gaussian.round_to_tokens(z_BLD, gaussian.normalize_embeddings(table_VD)))
+
+
+def test_word_posterior_is_bayes_rule_under_the_forward_marginal():
+  """p(w | z_t) ∝ N(z_t; sqrt(abar_t) E(w), (1 - abar_t) I) per row's t; uniform over words at t = 1."""
+  process, table_VD = _process(), _table()
+  t_B = jnp.array([0.01, 0.3, 0.9])
+  z_BLD = 2.0 * jax.random.normal(jax.random.key(8), (3, 5, D))
+  mean_BVD = np.sqrt(process.schedule.alpha_bar(t_B))[:, None, None] * np.asarray(process.table(table_VD))
+  var_B = np.asarray(process.schedule.noise_var(t_B))
+  log_density_BLV = -((np.asarray(z_BLD)[:, :, None] - mean_BVD[:, None]) ** 2).sum(-1) / (2 * var_B[:, None, None])
+  expected_BLV = log_density_BLV - scipy.special.logsumexp(log_density_BLV, axis=-1, keepdims=True)
+  np.testing.assert_allclose(process.word_log_posterior(z_BLD, t_B, table_VD), expected_BLV, atol=1e-4)
+  np.testing.assert_allclose(process.word_log_posterior(z_BLD, 1.0, table_VD), -np.log(V), atol=1e-5)
 
 
 def test_clamping_returns_embedding_rows():

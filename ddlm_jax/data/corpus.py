@@ -212,6 +212,12 @@ class RestaurantCorpus:
     """Every attribute this corpus can mention, with its possible values."""
     return dict(self._values)
 
+  def attribute_labels(self, records: Sequence[Mapping[str, str]], attributes: Sequence[str]) -> np.ndarray:
+    """int32[N, A]: the index of each record's value of each attribute in `attribute_values()`, -1
+    where the record does not mention it (labels for an attribute classifier)."""
+    return np.array([[self._values[a].index(record[a]) if a in record else -1 for a in attributes]
+                     for record in records], np.int32).reshape(len(records), len(attributes))
+
   def sample(self, num_docs: int, seed: int) -> list[Document]:
     """Draws `num_docs` documents; the same seed gives the same documents."""
     uniforms = _uniforms(np.random.default_rng(seed))

@@ -236,15 +236,28 @@ class GaussianDiffusion:
     per_dim_BLD = abar * z0_BLD ** 2 - abar - jnp.log1p(-abar)
     return 0.5 * per_dim_BLD.sum(-1)
 
-  def rounding_log_probs(self, z0_BLD: jax.Array, embeddings_VD: jax.Array) -> jax.Array:
-    """log p(w | z_0) = log softmax(-||z_0 - sqrt(abar(0)) E(w)||^2 / (2 (1 - abar(0)))), float32[B, L, V]."""
-    table_VD = jnp.sqrt(self.schedule.alpha_bar(0.0)) * self.table(embeddings_VD)
-    return jax.nn.log_softmax(-sq_distances(z0_BLD, table_VD) / (2.0 * self.schedule.noise_var(0.0)), -1)
+  def word_log_posterior(self, z_BLD: jax.Array, t, embeddings_VD: jax.Array) -> jax.Array:
+    """log p(w | z_t) of each position's word from its own noisy embedding, under a uniform prior
+    over the V words: log softmax_w(-||z_t - sqrt(abar(t)) E(w)||^2 / (2 (1 - abar(t)))).
+
+    Args:
+      z_BLD: noisy embeddings, float32[B, L, D].
+      t: time, a scalar or float32[B]. At t = 0 this is the rounding distribution p(w | z_0).
+      embeddings_VD: the embedding table.
+
+    Returns:
+      float32[B, L, V].
+    """
+    t = _per_row(t)
+    table_VD, scale = self.table(embeddings_VD), jnp.sqrt(self.schedule.alpha_bar(t))
+    sq_distances_BLV = (jnp.sum(z_BLD ** 2, -1, keepdims=True) - 2.0 * scale * jnp.einsum("bld,vd->blv", z_BLD, table_VD)
+                        + scale ** 2 * jnp.sum(table_VD ** 2, -1))
+    return jax.nn.log_softmax(-sq_distances_BLV / (2.0 * self.schedule.noise_var(t)), -1)
 
   def _rounding_nll(self, x0_BL, e0_BLD, embeddings_VD, key) -> jax.Array:
     """-log p(w | z_0) at z_0 ~ q(z_0 | w), float32[B, L]."""
     z0_BLD = self.corrupt(e0_BLD, jnp.zeros(x0_BL.shape[:1]), key)
-    return -base.token_log_likelihood(self.rounding_log_probs(z0_BLD, embeddings_VD), x0_BL)
+    return -base.token_log_likelihood(self.word_log_posterior(z0_BLD, 0.0, embeddings_VD), x0_BL)
 
   def nelbo(self, model: EmbeddingModel, x0_BL: jax.Array, key: jax.Array,
             prompt_mask_BL: jax.Array | None = None, t_B: jax.Array | None = None) -> base.Nelbo:
