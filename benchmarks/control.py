@@ -2,14 +2,15 @@
 
   python -m ddlm_jax.main --config=experiments/diffusion_lm.py --workdir=workdirs/diffusion_lm
   python -m ddlm_jax.main --config=experiments/seq2seq.py:diffuseq,control --workdir=workdirs/seq2seq/diffuseq_control
+  python -m ddlm_jax.main --config=experiments/seq2seq.py:mdlm,control --workdir=workdirs/seq2seq/mdlm_control
   python -m benchmarks.control
 
 The target is a pair of attributes (default food=Italian, area=riverside).
 - Unguided and classifier-guided rows sample the unconditional Diffusion-LM (--lm). The guided rows
   use a classifier of (food, area) trained here on noisy embeddings of the LM's own table, at each
   guidance scale.
-- Classifier-free rows sample the conditional DiffuSeq model (--cfg_model), trained on
-  "food: X | area: Y" -> text with 10% of the sources dropped, at each guidance scale.
+- Classifier-free rows sample each conditional model (--cfg_models: DiffuSeq and masked), trained
+  on "food: X | area: Y" -> text with 10% of the sources dropped, at each guidance scale.
 Success is read off the text:
 - strict: the generator parses it, with the target values;
 - mentions: every target value occurs in it.
@@ -31,7 +32,8 @@ from ddlm_jax.data import corpus
 from ddlm_jax.networks import classifier
 
 _LM = flags.DEFINE_string("lm", "workdirs/diffusion_lm", "Unconditional Diffusion-LM workdir.")
-_CFG_MODEL = flags.DEFINE_string("cfg_model", "workdirs/seq2seq/diffuseq_control", "Conditional model workdir.")
+_CFG_MODELS = flags.DEFINE_list("cfg_models", ["workdirs/seq2seq/diffuseq_control", "workdirs/seq2seq/mdlm_control"],
+                                "Conditional model workdirs.")
 _AR = flags.DEFINE_string("ar", "workdirs/compare/ar_embedded", "AR judge workdir.")
 _TARGET = flags.DEFINE_list("target", ["food=Italian", "area=riverside"], "attribute=value pairs.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "Samples per row.")
@@ -40,6 +42,7 @@ _CLASSIFIER_SCALES = flags.DEFINE_list("classifier_scales", ["3", "10", "30"], "
 _SCALES = flags.DEFINE_list("scales", ["0", "1", "3"], "Classifier-free guidance scales.")
 _CLASSIFIER_DOCS = flags.DEFINE_integer("classifier_docs", 20_000, "Training documents of the classifier.")
 _CLASSIFIER_STEPS = flags.DEFINE_integer("classifier_steps", 600, "Classifier training steps.")
+CFG_FAMILY_NAMES = {"gaussian": "DiffuSeq", "masked": "MDLM"}
 
 
 def judge(texts, target, encode, ar_model, reference) -> dict:
@@ -78,7 +81,7 @@ def main(argv):
   eval_rows_NL, eval_labels_NA = classifier_data(lm, reference, attributes, 512, "validation")
   targeted = (eval_labels_NA == np.array([classes[i] for i in range(len(attributes))])).all(axis=1)
   classifier_accuracy = {}
-  for t in (0.1, 0.5, 0.9):
+  for t in (0.01, 0.1, 0.3):
     accuracy = guidance.classifier_accuracy(graphdef, params, lm.process, embeddings_VD, eval_rows_NL,
                                             eval_labels_NA, t)
     classifier_accuracy[str(t)] = [round(float(a), 3) for a in accuracy]
@@ -95,12 +98,14 @@ def main(argv):
     texts = lm.generate(guide_fn=guide_fn, **settings)
     rows.append({"method": "classifier guidance", "strength": scale,
                  **judge(texts, target, lm.tokenizer.encode, ar_model, reference)})
-  cfg_model = ddlm_jax.load(_CFG_MODEL.value)
   source = corpus.format_record(target, attributes)
-  for scale in map(float, _SCALES.value):
-    texts = cfg_model.translate([source] * _NUM_SAMPLES.value, steps=_STEPS.value, guidance_scale=scale, seed=1)
-    rows.append({"method": "classifier-free guidance (DiffuSeq)", "strength": scale,
-                 **judge(texts, target, cfg_model.tokenizer.encode, ar_model, reference)})
+  for workdir in _CFG_MODELS.value:
+    cfg_model = ddlm_jax.load(workdir)
+    for scale in map(float, _SCALES.value):
+      texts = cfg_model.translate([source] * _NUM_SAMPLES.value, steps=_STEPS.value, guidance_scale=scale, seed=1)
+      family = CFG_FAMILY_NAMES.get(cfg_model.config.process.name, cfg_model.config.process.name)
+      rows.append({"method": f"classifier-free guidance ({family})", "strength": scale,
+                   **judge(texts, target, cfg_model.tokenizer.encode, ar_model, reference)})
   for row in rows:
     print(f"| {row['method']} | {row['strength']:g} | {row['success_strict']:.1%} | {row['success_mentions']:.1%} | "
           f"{row.get('generative_perplexity', float('nan')):.1f} | {row['unigram_entropy_bits']:.2f} | "

@@ -188,23 +188,31 @@ class Pipeline:
         fixed_NL[row, position:position + len(ids)] = True
     return tokens_NL, fixed_NL
 
-  def score(self, texts: Sequence[str], *, num_samples: int = 16, seed: int = 0,
-            batch_size: int = 64, truncate: bool = False) -> evaluate.ElboResult:
+  def score(self, texts: Sequence[str], *, sources: Sequence[str] | None = None, num_samples: int = 16,
+            seed: int = 0, batch_size: int = 64, truncate: bool = False) -> evaluate.ElboResult:
     """Bound of each text in bits (`bits_per_sequence`) and over all (`bits_per_token`): the
     negative ELBO of a diffusion model, the exact NLL of the autoregressive baseline.
 
-    A text and its [EOS] must fit in the canvas; with `truncate`, longer texts are cut to their
-    first seq_len - 1 tokens instead of refused.
+    A model trained on a pair task scores each text as the target of its source (`sources`, one
+    per text). A row (source, its [EOS], the text and its [EOS]) must fit in the canvas; with
+    `truncate`, longer texts are cut to fit instead of refused.
     """
+    if self._pairs != (sources is not None):
+      raise ValueError("a model trained on a pair task scores texts as targets of sources=[...]" if self._pairs
+                       else "sources= applies to a model trained on a pair task, not to this language model")
+    if sources is not None and len(sources) != len(texts):
+      raise ValueError(f"got {len(sources)} sources for {len(texts)} texts")
+    prefixes = ([[]] * len(texts) if sources is None
+                else [self.tokenizer.encode(source) + [self.tokenizer.eos_id] for source in sources])
     encoded = [self.tokenizer.encode(text) for text in texts]
     if truncate:
-      encoded = [ids[:self.seq_len - 1] for ids in encoded]
-    too_long = [i for i, ids in enumerate(encoded) if len(ids) >= self.seq_len]
+      encoded = [ids[:max(self.seq_len - 1 - len(prefix), 0)] for ids, prefix in zip(encoded, prefixes)]
+    too_long = [i for i, (ids, prefix) in enumerate(zip(encoded, prefixes)) if len(prefix) + len(ids) >= self.seq_len]
     if too_long:
-      raise ValueError(f"texts {too_long} have >= {self.seq_len} tokens, more than the model's canvas "
-                       "holds with its [EOS]")
-    rows_NL = batching.pad_documents(encoded, self.seq_len, eos_id=self.tokenizer.eos_id,
-                                     pad_id=self.tokenizer.pad_id)
+      raise ValueError(f"texts {too_long} (after their sources) have >= {self.seq_len} tokens, more than the "
+                       "model's canvas holds with its [EOS]")
+    rows_NL = batching.pad_documents([prefix + ids for prefix, ids in zip(prefixes, encoded)], self.seq_len,
+                                     eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
     return evaluate.elbo(self._nelbo_fn, self.params, rows_NL, np.array([len(ids) for ids in encoded]),
                          num_samples=num_samples, batch_size=min(batch_size, 1 << (len(texts) - 1).bit_length()),
                          seed=seed, exact=self.process.exact_likelihood)

@@ -42,6 +42,8 @@ def test_diffusion_lm_trains_samples_infills_and_scores(tmp_path):
     model.generate(constraints=[{10_000: "x"}])
   with pytest.raises(ValueError, match="pair task"):
     model.translate(["food: Italian"])
+  with pytest.raises(ValueError, match="pair task"):
+    model.score(["The Golden Lantern is a pub."], sources=["food: Italian"])
 
 
 def test_classifier_guidance_steers_a_tiny_diffusion_lm_toward_a_target_area(tmp_path):
@@ -88,6 +90,15 @@ def test_seq2seq_trains_and_translates(tmp_path, family):
   guided = {} if family == "ar" else dict(guidance_scale=2.0, num_candidates=2)
   outputs = model.translate([source, source], steps=4, seed=0, **guided)
   assert len(outputs) == 2 and all(isinstance(text, str) for text in outputs)
+  # Targets are scored given their sources; the source is read, never scored.
+  target = "The Golden Lantern is an Italian restaurant by the riverside."
+  other_source = corpus.format_record({"food": "Thai", "area": "seafront"})
+  scores = model.score([target, target], sources=[source, other_source], num_samples=2)
+  assert np.isfinite(scores.bits_per_sequence).all() and scores.num_tokens == 2 * len(model.tokenizer.encode(target))
+  if family == "ar":  # exact: the same target costs a different number of bits after another source
+    assert scores.bits_per_sequence[0] != scores.bits_per_sequence[1]
+  with pytest.raises(ValueError, match="sources"):
+    model.score([target])
   with pytest.raises(ValueError, match="no room"):
     model.translate([source + " word" * 200])
 
