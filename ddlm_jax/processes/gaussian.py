@@ -132,11 +132,12 @@ def normalize_embeddings(embeddings_VD: jax.Array) -> jax.Array:
   return embeddings_VD * jnp.sqrt(embeddings_VD.shape[-1] / jnp.maximum(sq_norm_V1, 1e-12))
 
 
-def sq_distances(z_BLD: jax.Array, embeddings_VD: jax.Array) -> jax.Array:
-  """||z - E(v)||^2 for every position and word, float32[B, L, V]."""
+def sq_distances(z_BLD: jax.Array, embeddings_VD: jax.Array, scale=1.0) -> jax.Array:
+  """||z - scale E(v)||^2 for every position and word, float32[B, L, V]; scale is a scalar or
+  broadcasts against [B, L, V] (one per row: float32[B, 1, 1])."""
   cross_BLV = jnp.einsum("bld,vd->blv", z_BLD, embeddings_VD)
-  return (jnp.sum(z_BLD ** 2, -1, keepdims=True) - 2.0 * cross_BLV
-          + jnp.sum(embeddings_VD ** 2, -1))
+  return (jnp.sum(z_BLD ** 2, -1, keepdims=True) - 2.0 * scale * cross_BLV
+          + scale ** 2 * jnp.sum(embeddings_VD ** 2, -1))
 
 
 def round_to_tokens(z_BLD: jax.Array, embeddings_VD: jax.Array) -> jax.Array:
@@ -249,9 +250,7 @@ class GaussianDiffusion:
       float32[B, L, V].
     """
     t = _per_row(t)
-    table_VD, scale = self.table(embeddings_VD), jnp.sqrt(self.schedule.alpha_bar(t))
-    sq_distances_BLV = (jnp.sum(z_BLD ** 2, -1, keepdims=True) - 2.0 * scale * jnp.einsum("bld,vd->blv", z_BLD, table_VD)
-                        + scale ** 2 * jnp.sum(table_VD ** 2, -1))
+    sq_distances_BLV = sq_distances(z_BLD, self.table(embeddings_VD), jnp.sqrt(self.schedule.alpha_bar(t)))
     return jax.nn.log_softmax(-sq_distances_BLV / (2.0 * self.schedule.noise_var(t)), -1)
 
   def _rounding_nll(self, x0_BL, e0_BLD, embeddings_VD, key) -> jax.Array:
