@@ -101,9 +101,9 @@ def main(argv):
   source = corpus.format_record(target, attributes)
   for workdir in _CFG_MODELS.value:
     cfg_model = ddlm_jax.load(workdir)
+    family = CFG_FAMILY_NAMES.get(cfg_model.config.process.name, cfg_model.config.process.name)
     for scale in map(float, _SCALES.value):
       texts = cfg_model.translate([source] * _NUM_SAMPLES.value, steps=_STEPS.value, guidance_scale=scale, seed=1)
-      family = CFG_FAMILY_NAMES.get(cfg_model.config.process.name, cfg_model.config.process.name)
       rows.append({"method": f"classifier-free guidance ({family})", "strength": scale,
                    **judge(texts, target, cfg_model.tokenizer.encode, ar_model, reference)})
   for row in rows:
