@@ -24,9 +24,10 @@ import numpy as np
 
 import ddlm_jax
 from benchmarks import common
+from ddlm_jax import control
 from ddlm_jax import evaluate
+from ddlm_jax import experiment
 from ddlm_jax import guidance
-from ddlm_jax import train
 from ddlm_jax.data import batching
 from ddlm_jax.data import corpus
 from ddlm_jax.networks import classifier
@@ -70,20 +71,20 @@ def main(argv):
   values = reference.attribute_values()
   attributes = tuple(target)
   lm, ar_model = ddlm_jax.load(_LM.value), ddlm_jax.load(_AR.value)
-  embeddings_VD = train.bind(lm.graphdef, lm.params).embeddings_VD
+  embeddings_VD = experiment.bind(lm.graphdef, lm.params).embeddings_VD
   config = classifier.ClassifierConfig(vocab_size=lm.process.vocab_size, max_len=lm.seq_len,
                                        num_classes=tuple(len(values[a]) for a in attributes))
   rows_NL, labels_NA = classifier_data(lm, reference, attributes, _CLASSIFIER_DOCS.value, "train")
-  graphdef, params = guidance.train_classifier(lm.process, embeddings_VD, rows_NL, labels_NA, config,
-                                               num_steps=_CLASSIFIER_STEPS.value, learning_rate=1e-3)
+  graphdef, params = control.train_classifier(lm.process, embeddings_VD, rows_NL, labels_NA, config,
+                                              num_steps=_CLASSIFIER_STEPS.value, learning_rate=1e-3)
   classes = {i: values[a].index(target[a]) for i, a in enumerate(attributes)}
-  log_prob_fn = guidance.attribute_log_prob_fn(graphdef, params, lm.process, embeddings_VD, classes)
+  log_prob_fn = control.attribute_log_prob_fn(graphdef, params, lm.process, embeddings_VD, classes)
   eval_rows_NL, eval_labels_NA = classifier_data(lm, reference, attributes, 512, "validation")
   targeted = (eval_labels_NA == np.array([classes[i] for i in range(len(attributes))])).all(axis=1)
   classifier_accuracy = {}
   for t in (0.01, 0.1, 0.3):
-    accuracy = guidance.classifier_accuracy(graphdef, params, lm.process, embeddings_VD, eval_rows_NL,
-                                            eval_labels_NA, t)
+    accuracy = control.classifier_accuracy(graphdef, params, lm.process, embeddings_VD, eval_rows_NL,
+                                           eval_labels_NA, t)
     classifier_accuracy[str(t)] = [round(float(a), 3) for a in accuracy]
   print(f"classifier accuracy per attribute {attributes} at t: {classifier_accuracy}; "
         f"{targeted.mean():.3%} of held-out documents have the target")

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from ddlm_jax import experiment
 from ddlm_jax import samplers
 from ddlm_jax import sharding
-from ddlm_jax import train
 from ddlm_jax.networks import transformer
 from ddlm_jax.processes import masked
 
@@ -37,14 +37,14 @@ def main(argv):
   graphdef, params = sharding.create_sharded_model(model_config, mesh, sharding.DEFAULT_RULES, 0)
   tokens_BL = jax.random.randint(jax.random.key(0), (batch, length), 4, _VOCAB.value)
   fixed_BL = jnp.broadcast_to(jnp.arange(length) < _PROMPT.value, (batch, length))
-  forward = jax.jit(lambda p, x: train.bind(graphdef, p)(x, jnp.ones((batch,))))
+  forward = jax.jit(lambda p, x: experiment.bind(graphdef, p)(x, jnp.ones((batch,))))
   key = jax.random.key(1)
   rows = []
   for strategy, temperature, block_length in SETTINGS:
     config = samplers.SamplerConfig(steps=steps, strategy=strategy, temperature=temperature,
                                     block_length=block_length)
     sample = jax.jit(lambda p, tokens, fixed, k, config=config: samplers.sample(
-        train.bind(graphdef, p), process, config, tokens, fixed, k, eos_id=3, pad_id=0))
+        experiment.bind(graphdef, p), process, config, tokens, fixed, k, eos_id=3, pad_id=0))
     forward_s = common.best_seconds(forward, params, tokens_BL)
     sample_s = common.best_seconds(sample, params, tokens_BL, fixed_BL, key, repeats=3, warmup=1)
     forward_s = min(forward_s, common.best_seconds(forward, params, tokens_BL))

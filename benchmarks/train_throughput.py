@@ -13,6 +13,7 @@ import jax
 
 from benchmarks import common
 from ddlm_jax import config as config_lib
+from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import sharding
 from ddlm_jax import train
 from ddlm_jax.networks import transformer
@@ -34,9 +35,9 @@ def measure(size: str, batch_size: int, seq_len: int, vocab_size: int, steps: in
   config.model.update(SIZES[size])
   config.data.seq_len = seq_len
   config.train.batch_size = batch_size
-  experiment = train.make_experiment(config, vocab_size)
+  experiment = experiment_lib.make_experiment(config, vocab_size)
   mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()))
-  optimizer = train.make_optimizer(config.train)
+  optimizer = experiment_lib.make_optimizer(config.train)
   graphdef, state, shardings = train.init_state(experiment, config, mesh, optimizer)
   step_fn = jax.jit(
       lambda s, b, k: train.train_step(s, b, k, graphdef=graphdef, optimizer=optimizer,

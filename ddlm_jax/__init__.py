@@ -4,9 +4,18 @@
   model = ddlm_jax.load(workdir)                            # -> Pipeline
   model.generate(["The Golden"], steps=64)                  # sample
   model.score(["Some text."]).bits_per_token                # ELBO bound
+
+The three names are imported on first use, so that importing a submodule (the pure maths in
+`ddlm_jax.samplers`, say) does not import training.
 """
-from ddlm_jax.pipeline import Pipeline
-from ddlm_jax.pipeline import load
-from ddlm_jax.train import train_and_evaluate
+import importlib
+
+_HOMES = {"Pipeline": "ddlm_jax.pipeline", "load": "ddlm_jax.pipeline", "train_and_evaluate": "ddlm_jax.train"}
 
 __all__ = ["Pipeline", "load", "train_and_evaluate"]
+
+
+def __getattr__(name: str):
+  if name not in _HOMES:
+    raise AttributeError(f"module 'ddlm_jax' has no attribute {name!r}")
+  return getattr(importlib.import_module(_HOMES[name]), name)

@@ -7,9 +7,11 @@ order is refused with a clear message) and 'config' (the full experiment config,
 `ddlm_jax.load`). Orbax writes each step to a temporary directory and renames it
 when complete, so a run killed mid-save leaves the previous checkpoint intact.
 """
+import logging
 import os
 from typing import Any
 
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,11 +29,28 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+class _ReadOnlyNotice(logging.Filter):
+  """Drops orbax's warning that a manager opened to read is read-only: it is, on purpose."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 def make_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """A synchronous orbax manager over the workdir's checkpoints, keeping the last `keep` steps."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  """A synchronous orbax manager over the workdir's checkpoints, keeping the last `keep` steps
+  (`keep` is ignored by a read-only manager, which deletes nothing)."""
+  if read_only:  # the settings orbax would otherwise override with a warning each
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=0, create=False,
+                                           read_only=True, enable_async_checkpointing=False)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+  notice_filter = _ReadOnlyNotice()
+  absl_logger = absl_logging.get_absl_logger()
+  absl_logger.addFilter(notice_filter)
+  try:
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  finally:
+    absl_logger.removeFilter(notice_filter)
 
 
 def latest_step(workdir: str) -> int | None:
@@ -66,7 +85,7 @@ def read_json_items(manager: ocp.CheckpointManager, step: int) -> dict:
     restored = manager.restore(step, args=ocp.args.Composite(
         data=ocp.args.JsonRestore(), identity=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
   except Exception as error:  # orbax raises many types for missing or damaged files
-    raise CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be read ({error}). "
+    raise CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be read ({_summary(error)}). "
                           "Nothing was changed; move that step directory away to resume from an "
                           "earlier step.") from error
   return {name: restored[name] for name in ("data", "identity", "config")}
@@ -84,6 +103,12 @@ def check_identity(saved: dict, current: dict, where: str) -> None:
                           "the workdir was left as it is.")
 
 
+def _summary(error: Exception) -> str:
+  """The first line of an orbax error (the rest is often a long dump of the file's contents)."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
   flat = {}
   for key, value in tree.items():
@@ -99,7 +124,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   except Exception as error:  # orbax raises many types for missing or damaged files
-    raise CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be restored ({error}). "
+    raise CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be restored ({_summary(error)}). "
                           "Nothing was changed; move that step directory away to resume from an "
                           "earlier step.") from error
   return restored["state"]

@@ -3,26 +3,42 @@
 Every experiment in `experiments/` starts from `base_config()` and changes values; it may not
 add keys. `validate` rejects unknown keys and wrong types by name, before anything runs.
 """
+import contextlib
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
+from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import samplers
-from ddlm_jax import schedules
 from ddlm_jax import sharding
 from ddlm_jax.data import datasets
-from ddlm_jax.networks import transformer
-from ddlm_jax.processes import d3pm
-from ddlm_jax.processes import gaussian
 
 PROCESSES = ("masked", "uniform", "d3pm", "gaussian", "autoregressive")
-# The process settings each family reads (the rest of config.process is ignored by it).
-_DIFFUSION_KEYS = ("schedule", "schedule_eps", "antithetic_time")
-PROCESS_KEYS = {
-    "masked": _DIFFUSION_KEYS,
-    "uniform": _DIFFUSION_KEYS,
-    "d3pm": _DIFFUSION_KEYS + ("transition", "num_steps", "hybrid_coeff", "num_neighbors", "neighbor_embed_dim"),
-    "gaussian": ("schedule", "antithetic_time", "num_steps", "latent_dim"),
-    "autoregressive": (),
+# Each numeric setting that `validate` checks here: (low, high, whether low is excluded, whether
+# high is excluded). Settings read by a frozen dataclass (data, model, process, sample, mesh) are
+# checked by that class.
+NUMERIC_RANGES = {
+    "seed": (0, math.inf, False, True),
+    "train.batch_size": (1, math.inf, False, True),
+    "train.num_steps": (1, math.inf, False, True),
+    "train.time_limit_minutes": (0, math.inf, False, True),
+    "train.learning_rate": (0, math.inf, True, True),
+    "train.warmup_steps": (0, math.inf, False, True),
+    "train.min_learning_rate_ratio": (0, 1, False, False),
+    "train.weight_decay": (0, math.inf, False, True),
+    "train.b1": (0, 1, False, True),
+    "train.b2": (0, 1, False, True),
+    "train.grad_clip_norm": (0, math.inf, True, True),
+    "train.ema_decay": (0, 1, False, True),
+    "train.log_every": (1, math.inf, False, True),
+    "train.eval_every": (1, math.inf, False, True),
+    "train.checkpoint_every": (1, math.inf, False, True),
+    "train.keep_checkpoints": (1, math.inf, False, True),
+    "eval.batch_size": (1, math.inf, False, True),
+    "eval.elbo_samples": (2, math.inf, False, True),  # two draws at least, for a standard error
+    "eval.max_docs": (1, math.inf, False, True),
+    "sample.num_samples": (1, math.inf, False, True),
 }
 
 
@@ -117,80 +133,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval.exact_time_sum and config.process.name != "d3pm":
     raise ValueError("config.eval.exact_time_sum sums the steps of a discrete-time bound: it needs "
                      f"process 'd3pm', not {config.process.name!r}")
-  _check_family_settings(config)
-  checks = {
-      "config.data": lambda: data_config(config),
-      "config.model": lambda: transformer.TransformerConfig(vocab_size=8, max_len=config.data.seq_len,
-                                                           **config.model.to_dict()),
-      "config.process": lambda: check_process(config.process),
-      "config.mesh": lambda: sharding.MeshConfig(**config.mesh.to_dict()),
-      "config.sample": lambda: sampler_config(config).max_blocks(config.data.seq_len),
-  }
-  for name, check in checks.items():
-    try:
-      check()
-    except ValueError as error:
-      raise ValueError(f"{name}: {error}") from error
-  positive = {"config.train.batch_size": config.train.batch_size, "config.train.num_steps": config.train.num_steps,
-              "config.train.log_every": config.train.log_every, "config.train.eval_every": config.train.eval_every,
-              "config.train.checkpoint_every": config.train.checkpoint_every,
-              "config.train.keep_checkpoints": config.train.keep_checkpoints,
-              "config.eval.batch_size": config.eval.batch_size, "config.eval.max_docs": config.eval.max_docs,
-              "config.sample.num_samples": config.sample.num_samples}
-  for name, value in positive.items():
-    if value < 1:
-      raise ValueError(f"{name} must be >= 1, got {value}")
-  if config.eval.elbo_samples < 2:
-    raise ValueError(f"config.eval.elbo_samples must be >= 2 (for a standard error), got {config.eval.elbo_samples}")
-  if not 0.0 <= config.train.ema_decay < 1.0:
-    raise ValueError(f"config.train.ema_decay must lie in [0, 1), got {config.train.ema_decay}")
+  _check_pair_task_settings(config)
+  # The objects the settings make, over a stand-in vocabulary, check the settings themselves.
+  with _errors_named("config.data"):
+    data_config(config)
+  with _errors_named("config.process"):
+    process = experiment_lib.stand_in_process(config.process)
+  with _errors_named("config.model"):
+    experiment_lib.model_config(config, process)
+  with _errors_named("config.mesh"):
+    sharding.MeshConfig(**config.mesh.to_dict())
+  with _errors_named("config.sample"):
+    sampler = sampler_config(config)
+    sampler.max_blocks(config.data.seq_len)
+    samplers.check_sampler(process, sampler)
+  for key, (low, high, low_open, high_open) in NUMERIC_RANGES.items():
+    value = config[key]
+    if not (math.isfinite(value) and (low < value if low_open else low <= value)
+            and (value < high if high_open else value <= high)):
+      interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+      raise ValueError(f"config.{key} must be a finite number in {interval}, got {value}")
 
 
-def _check_family_settings(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for sampler, model and training settings the process cannot use."""
-  name, strategy = config.process.name, config.sample.strategy
-  absorbing = name == "masked" or (name == "d3pm" and config.process.transition == "absorbing")
-  if name == "gaussian":
-    if strategy not in samplers.EMBEDDING_STRATEGIES:
-      raise ValueError(f"config.sample.strategy={strategy!r} reveals tokens; process 'gaussian' takes "
-                       "'ancestral' (DDPM) or 'ddim'")
-    if not config.model.time_conditioning:
-      raise ValueError("process 'gaussian' needs config.model.time_conditioning=True")
-  elif config.sample.clamp or strategy == "ddim":
-    raise ValueError("config.sample.clamp and strategy 'ddim' need process 'gaussian'")
-  elif strategy != "ancestral" and not absorbing and name != "autoregressive":
-    raise ValueError(f"config.sample.strategy={strategy!r} reveals [MASK]ed positions; "
-                     f"process {name!r} has no [MASK] state, use 'ancestral'")
+def _check_pair_task_settings(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for a training or sampling setting that needs a pair task (config.data.task)
+  on a language-modelling one."""
   pairs = config.data.task != "lm"
   if not 0.0 <= config.train.condition_dropout < 1.0:
     raise ValueError(f"config.train.condition_dropout must lie in [0, 1), got {config.train.condition_dropout}")
   if config.train.condition_dropout and not pairs:
     raise ValueError("config.train.condition_dropout drops a pair's source: it needs a pair task "
                      "(config.data.task 'data_to_text' or 'text_to_data')")
-  if config.sample.guidance_scale != 1.0 and (not pairs or name == "autoregressive"):
-    raise ValueError("config.sample.guidance_scale (classifier-free guidance) needs a diffusion process "
-                     "trained on a pair task")
+  if config.sample.guidance_scale != 1.0 and not pairs:
+    raise ValueError("config.sample.guidance_scale (classifier-free guidance) guides toward a pair's source: "
+                     "it needs a pair task (config.data.task 'data_to_text' or 'text_to_data')")
 
 
-def check_process(process: ml_collections.ConfigDict) -> None:
-  """Raises ValueError if the process settings the family reads cannot make a process."""
-  if process.name == "autoregressive":
-    return
-  if process.name == "gaussian":
-    gaussian.NoiseSchedule(process.schedule)
-    if min(process.latent_dim, process.num_steps) < 1:
-      raise ValueError("latent_dim and num_steps must be >= 1")
-    return
-  schedules.Schedule(process.schedule, process.schedule_eps)
-  if process.name == "d3pm":
-    if process.transition not in d3pm.TRANSITIONS:
-      raise ValueError(f"transition={process.transition!r} is not one of {d3pm.TRANSITIONS}")
-    if process.num_steps < 1:
-      raise ValueError(f"num_steps (T) must be >= 1, got {process.num_steps}")
-    if not process.hybrid_coeff >= 0:
-      raise ValueError(f"hybrid_coeff must be >= 0, got {process.hybrid_coeff}")
-    if process.transition == "nearest_neighbor" and min(process.num_neighbors, process.neighbor_embed_dim) < 1:
-      raise ValueError("num_neighbors and neighbor_embed_dim must be >= 1")
+@contextlib.contextmanager
+def _errors_named(group: str):
+  """Prefixes a ValueError raised inside with the config group it came from."""
+  try:
+    yield
+  except ValueError as error:
+    raise ValueError(f"{group}: {error}") from error
 
 
 def sampler_config(config: ml_collections.ConfigDict, **overrides) -> samplers.SamplerConfig:
@@ -207,26 +192,35 @@ def data_config(config: ml_collections.ConfigDict) -> datasets.DataConfig:
 
 def run_identity(config: ml_collections.ConfigDict) -> dict:
   """The settings a resumed run must share with its checkpoint: everything that shapes the state,
-  the data order or the random keys. Step counts, logging, evaluation and sampling may change."""
+  the data order or the random keys, and the fingerprint of the texts (`datasets.texts_fingerprint`:
+  an edited text file is other data). Step counts (a changed train.num_steps is logged), logging,
+  evaluation and sampling may change. Reads the data's text files, if any."""
   return {"seed": config.seed, "data": config.data.to_dict(), "model": config.model.to_dict(),
           "process": _process_identity(config.process.to_dict()), "train.batch_size": config.train.batch_size,
-          "train.ema_decay": config.train.ema_decay, "train.condition_dropout": config.train.condition_dropout}
+          "train.ema_decay": config.train.ema_decay, "train.condition_dropout": config.train.condition_dropout,
+          "data_fingerprint": datasets.texts_fingerprint(data_config(config))}
 
 
-def saved_run_identity(identity: dict) -> dict:
-  """A run identity read from a checkpoint, reduced to what `run_identity` compares today (older
-  versions saved every process setting, also those the family does not read, and lack the data
-  and training keys added since, which take their defaults)."""
-  defaults = run_identity(base_config())
-  return {**identity, "process": _process_identity(identity["process"]),
-          "data": {**defaults["data"], **identity["data"]},
-          "train.condition_dropout": identity.get("train.condition_dropout", 0.0)}
+def saved_run_identity(identity: dict, current: dict | None = None) -> dict:
+  """A run identity read from a checkpoint, reduced to what `run_identity` compares today. Older
+  versions saved every process setting, also those the family does not read, and lack the keys
+  added since: data and training settings take their defaults, and a missing data fingerprint,
+  which nothing can recover, is taken from `current` (the identity of the run that resumes)."""
+  defaults = {key: value for key, value in run_identity(base_config()).items() if key != "data_fingerprint"}
+  missing = {} if current is None else {"data_fingerprint": current["data_fingerprint"]}
+  return {**defaults, **missing, **identity, "process": _process_identity(identity["process"]),
+          "data": {**defaults["data"], **identity["data"]}}
 
 
 def _process_identity(process: dict) -> dict:
-  """The process settings the named family reads."""
-  keys = ("name",) + PROCESS_KEYS.get(process["name"], ())
-  return {key: process[key] for key in keys if key in process}
+  """The identity of the process that `config.process` settings make: its class and fields
+  (`experiment.process_identity`). Older versions saved the settings themselves (keyed by 'name';
+  a missing one takes today's default); an identity saved in today's form is returned as it is."""
+  if "name" not in process:
+    return process
+  settings = ml_collections.ConfigDict({**base_config().process.to_dict(), **process})
+  return experiment_lib.process_identity(experiment_lib.stand_in_process(settings),
+                                         experiment_lib.neighbor_graph_settings(settings))
 
 
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:

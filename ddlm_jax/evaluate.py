@@ -2,12 +2,12 @@
 
 Every family is scored by the same `NelboFn`: the exact NLL for the autoregressive baseline, an
 upper bound (negative ELBO) for the diffusion families. A diffusion bound is a Monte Carlo
-estimate: each sequence's NELBO is averaged over `num_samples` draws of (t, x_t), and the standard
-error of the total comes from the spread of those draws. Bits per token divide the total by the
-number of text tokens (EOS and padding are scored by the model but not counted), the same divisor
-used for the generator's exact NLL of the same documents, so the two numbers are directly
-comparable and the bound must lie above. Bits per character divide the same total by the
-characters of the text.
+estimate: each sequence's NELBO is averaged over `num_samples` draws of (t, x_t) (of x_t at every
+step when a discrete-time bound sums all its steps), and the standard error of the total comes
+from the spread of those draws. Bits per token divide the total by the number of text tokens (EOS
+and padding are scored by the model but not counted), the same divisor used for the generator's
+exact NLL of the same documents, so the two numbers are directly comparable and the bound must
+lie above. Bits per character divide the same total by the characters of the text.
 
 Samples are judged by their generative perplexity under a trained autoregressive model, always
 beside their unigram entropy (repetitive, degenerate samples reach a low perplexity at a low
@@ -35,16 +35,19 @@ NelboFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class ElboResult:
-  """A held-out likelihood bound.
+  """A held-out NELBO (an upper bound on the NLL), or the exact NLL of an autoregressive model.
 
   Attributes:
-    bits_per_token: total NELBO in bits / total text tokens.
-    stderr: Monte Carlo standard error of bits_per_token.
+    bits_per_token: total NELBO (or NLL) in bits / total text tokens.
+    stderr: Monte Carlo standard error of bits_per_token (0 for an exact NLL).
     num_sequences: sequences scored.
     num_tokens: text tokens scored (the divisor).
+    num_samples: Monte Carlo draws per sequence: of (t, x_t), or with exact_time_sum of x_t at
+      every step; 1 for an exact NLL.
+    bits_per_sequence: float64[N], each sequence's NELBO (or NLL) in bits.
     num_chars: characters of the scored texts, when known.
-    num_samples: Monte Carlo draws of t per sequence (1 for an exact likelihood).
-    bits_per_sequence: float64[N], each sequence's NELBO in bits.
+    exact: bits_per_token is an exact NLL, not a bound.
+    exact_time_sum: the bound summed every one of its T steps instead of drawing t.
     reference_bits_per_token: the data generator's exact NLL of the same documents (embedded
       corpus only), in bits per token with the same divisor; None when unknown.
     reference_bits_per_document: the same NLL, in mean bits per document.
@@ -57,8 +60,13 @@ class ElboResult:
   bits_per_sequence: np.ndarray
   num_chars: int | None = None
   exact: bool = False
+  exact_time_sum: bool = False
   reference_bits_per_token: float | None = None
   reference_bits_per_document: float | None = None
+
+  def __post_init__(self):
+    if self.exact and self.exact_time_sum:
+      raise ValueError("exact_time_sum sums the steps of a bound; an exact NLL (exact=True) has none")
 
   @property
   def bits_per_char(self) -> float | None:
@@ -66,10 +74,19 @@ class ElboResult:
       return None
     return self.bits_per_token * self.num_tokens / self.num_chars
 
+  @property
+  def estimate(self) -> str:
+    """What bits_per_token measures, in words."""
+    if self.exact:
+      return "exact NLL"
+    return "NELBO, every step summed" if self.exact_time_sum else "NELBO, Monte Carlo over t"
+
   def summary(self) -> dict[str, Any]:
-    summary = {"bits_per_token": self.bits_per_token, "bits_per_token_stderr": self.stderr,
-               "num_sequences": self.num_sequences, "num_tokens": self.num_tokens,
-               "elbo_samples": self.num_samples}
+    summary = {"estimate": self.estimate, "bits_per_token": self.bits_per_token,
+               "bits_per_token_stderr": self.stderr, "num_sequences": self.num_sequences,
+               "num_tokens": self.num_tokens}
+    if not self.exact:
+      summary["elbo_samples"] = self.num_samples
     if self.num_chars:
       summary["bits_per_char"] = self.bits_per_char
     if self.reference_bits_per_token is not None:
@@ -79,24 +96,28 @@ class ElboResult:
     return summary
 
   def describe(self) -> str:
+    counts = f"{self.num_sequences} sequences, {self.num_tokens} tokens"
     if self.exact:
-      text = (f"held-out exact NLL: {self.bits_per_token:.4f} bits/token "
-              f"({self.num_sequences} sequences, {self.num_tokens} tokens)")
+      text = f"held-out exact NLL: {self.bits_per_token:.4f} bits/token ({counts})"
+    elif self.exact_time_sum:
+      text = (f"held-out NELBO, every step of the bound summed: {self.bits_per_token:.4f} ± {self.stderr:.4f} "
+              f"bits/token ({counts}, {self.num_samples} draws of x_t at each step)")
     else:
       text = (f"held-out NELBO: {self.bits_per_token:.4f} ± {self.stderr:.4f} bits/token "
-              f"({self.num_sequences} sequences, {self.num_tokens} tokens, {self.num_samples} draws of t each)")
+              f"({counts}, {self.num_samples} draws of t each)")
     if self.num_chars:
       text += f"\n  = {self.bits_per_char:.4f} bits/character ({self.num_chars} characters)"
     if self.reference_bits_per_token is not None:
       text += (f"\ngenerator's exact NLL of the same documents: {self.reference_bits_per_token:.4f} bits/token"
                f" (gap {self.bits_per_token - self.reference_bits_per_token:+.4f})"
-               f"\nper document: NELBO {self.bits_per_sequence.mean():.2f} bits, generator's exact NLL "
-               f"{self.reference_bits_per_document:.2f} bits")
+               f"\nper document: {'NLL' if self.exact else 'NELBO'} {self.bits_per_sequence.mean():.2f} bits, "
+               f"generator's exact NLL {self.reference_bits_per_document:.2f} bits")
     return text
 
 
 def elbo(nelbo_fn: NelboFn, params: Any, rows_NL: np.ndarray, num_tokens_N: np.ndarray, *,
-         num_samples: int, batch_size: int, seed: int, batch_sharding=None, exact: bool = False) -> ElboResult:
+         num_samples: int, batch_size: int, seed: int, batch_sharding=None, exact: bool = False,
+         exact_time_sum: bool = False) -> ElboResult:
   """Monte Carlo NELBO of every row, in bits per text token.
 
   Args:
@@ -104,8 +125,11 @@ def elbo(nelbo_fn: NelboFn, params: Any, rows_NL: np.ndarray, num_tokens_N: np.n
     params: the model parameters passed through to nelbo_fn.
     rows_NL: int32[N, L] sequences (padded as in training).
     num_tokens_N: text tokens of each row, the divisor of bits per token.
-    num_samples: draws of t per row (>= 2 for a standard error).
+    num_samples: draws per row (>= 2 for a standard error): of (t, x_t), or with exact_time_sum
+      of x_t at every step.
     exact: nelbo_fn is an exact NLL (autoregressive): one pass, standard error 0.
+    exact_time_sum: nelbo_fn sums every step of a discrete-time bound (draws only x_t); it
+      labels the result.
     batch_size: rows per call; the last batch is padded and its padding dropped.
     seed: seed of the draws.
     batch_sharding: optional sharding of a batch on the device mesh.
@@ -134,11 +158,12 @@ def elbo(nelbo_fn: NelboFn, params: Any, rows_NL: np.ndarray, num_tokens_N: np.n
   return ElboResult(bits_per_token=float(mean_nats_N.sum() / LN2 / total_tokens),
                     stderr=float(np.sqrt(total_variance) / LN2 / total_tokens),
                     num_sequences=num_rows, num_tokens=total_tokens, num_samples=num_samples,
-                    bits_per_sequence=mean_nats_N / LN2, exact=exact)
+                    bits_per_sequence=mean_nats_N / LN2, exact=exact, exact_time_sum=exact_time_sum)
 
 
 def held_out_elbo(nelbo_fn: NelboFn, params: Any, data, *, num_samples: int, batch_size: int,
-                  max_rows: int, seed: int, batch_sharding=None, exact: bool = False) -> ElboResult:
+                  max_rows: int, seed: int, batch_sharding=None, exact: bool = False,
+                  exact_time_sum: bool = False) -> ElboResult:
   """`elbo` of a DataBundle's eval rows, with the generator's exact NLL beside it when known.
 
   When the generator's log-probabilities are known, rows cut short by the sequence length
@@ -152,7 +177,8 @@ def held_out_elbo(nelbo_fn: NelboFn, params: Any, data, *, num_samples: int, bat
     rows_NL, num_tokens_N, num_chars_N, log_probs_N = (
         rows_NL[whole_N], num_tokens_N[whole_N], num_chars_N[whole_N], log_probs_N[whole_N])
   result = elbo(nelbo_fn, params, rows_NL, num_tokens_N, num_samples=num_samples,
-                batch_size=batch_size, seed=seed, batch_sharding=batch_sharding, exact=exact)
+                batch_size=batch_size, seed=seed, batch_sharding=batch_sharding, exact=exact,
+                exact_time_sum=exact_time_sum)
   result = dataclasses.replace(result, num_chars=int(num_chars_N.sum()))
   if log_probs_N is None:
     return result

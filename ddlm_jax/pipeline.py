@@ -7,19 +7,42 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
 from ddlm_jax import evaluate
+from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import guidance
 from ddlm_jax import samplers
 from ddlm_jax import sharding
-from ddlm_jax import train
 from ddlm_jax.data import batching
 from ddlm_jax.data import datasets
+from ddlm_jax.data import pairs
 from ddlm_jax.data import tokenizers
 from ddlm_jax.networks import transformer
+
+
+def _split_guide(guide_fn: guidance.GuideFn | None) -> tuple[list, Any]:
+  """(arrays, static rest) of a guide pytree: the arrays are traced arguments of a jitted sampler;
+  the rest (tree structure, static fields, leaves that are not arrays, such as a plain function)
+  keys its compile cache. ([], None) without a guide."""
+  if guide_fn is None:
+    return [], None
+  leaves, treedef = jax.tree.flatten(guide_fn)
+  is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
+  return ([leaf for leaf, array in zip(leaves, is_array) if array],
+          (treedef, tuple(None if array else leaf for leaf, array in zip(leaves, is_array))))
+
+
+def _join_guide(arrays: Sequence[Any], static: Any) -> guidance.GuideFn | None:
+  """The guide that `_split_guide` took apart."""
+  if static is None:
+    return None
+  treedef, others = static
+  arrays = iter(arrays)
+  return jax.tree.unflatten(treedef, [next(arrays) if leaf is None else leaf for leaf in others])
 
 
 @dataclasses.dataclass
@@ -42,62 +65,70 @@ class Pipeline:
 
   def __post_init__(self):
     self._pairs = self.config.data.task != "lm"
-    self._nelbo_fn = train.make_nelbo_fn(self.graphdef, self.process, pairs=self._pairs)
+    self._nelbo_fn = experiment_lib.make_nelbo_fn(self.graphdef, self.process, pairs=self._pairs)
     self._samplers = {}
 
   def _sampler(self, sampler_config: samplers.SamplerConfig, prefill_length: int, pad_after_eos: bool,
                guide_fn: guidance.GuideFn | None):
     """The jitted sampler of one configuration (compiled once per batch and length): the scan
     sampler of a diffusion process, KV-cache decoding (after a prefill of the rows' common
-    prompt prefix) for the autoregressive baseline."""
-    name = (sampler_config, prefill_length, pad_after_eos, guide_fn)
+    prompt prefix) for the autoregressive baseline. A guide's arrays are arguments of the jitted
+    function (`_split_guide`), so guides of one structure share it whatever their parameters."""
+    guide_static = _split_guide(guide_fn)[1]
+    name = (sampler_config, prefill_length, pad_after_eos, guide_static)
     if name in self._samplers:
       return self._samplers[name]
     special_ids = dict(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id) if pad_after_eos else {}
 
-    def run(params, fixed_tokens_BL, fixed_BL, condition_BL, key, row_ids_B):
+    def run(params, fixed_tokens_BL, fixed_BL, condition_BL, key, row_ids_B, guide_arrays):
       if self.process.causal_network:
         cache, step_fn = transformer.make_decoder(self.graphdef, params, *fixed_BL.shape)
         return samplers.decode(step_fn, cache, self.process, sampler_config, fixed_tokens_BL, fixed_BL, key,
                                row_ids_B, prefill_length=prefill_length, **special_ids)
-      return samplers.sample(train.bind(self.graphdef, params), self.process, sampler_config,
+      return samplers.sample(experiment_lib.bind(self.graphdef, params), self.process, sampler_config,
                              fixed_tokens_BL, fixed_BL, key, row_ids_B, condition_BL=condition_BL,
-                             null_id=self.tokenizer.pad_id, guide_fn=guide_fn, **special_ids)
+                             null_id=self.tokenizer.pad_id, guide_fn=_join_guide(guide_arrays, guide_static),
+                             **special_ids)
     self._samplers[name] = jax.jit(run)
     return self._samplers[name]
 
   def _run(self, fixed_tokens_NL: np.ndarray, fixed_NL: np.ndarray, condition_NL: np.ndarray,
            sampler_config: samplers.SamplerConfig, seed: int, batch_size: int, pad_after_eos: bool,
-           guide_fn: guidance.GuideFn | None = None, row_ids_N: np.ndarray | None = None) -> np.ndarray:
-    """Sampled canvases int32[N, L], in batches; row n's randomness depends only on (seed, row_ids[n])."""
+           guide_fn: guidance.GuideFn | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Sampled canvases int32[N, L], in batches; row n's randomness depends only on (seed, n).
+    With `sampler_config.record_trajectory`, also the canvas after every step int32[steps, N, L]."""
     num_rows = len(fixed_NL)
-    row_ids_N = np.arange(num_rows) if row_ids_N is None else row_ids_N
     key = jax.random.key(seed)
     batch_size = min(batch_size, 1 << (num_rows - 1).bit_length())  # few shapes, little padding
-    tokens = []
+    guide_arrays = _split_guide(guide_fn)[0]
+    tokens, trajectories = [], []
     for start in range(0, num_rows, batch_size):
       rows = np.arange(start, min(start + batch_size, num_rows))
       padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
       prefill_length = samplers.fixed_prefix_length(fixed_NL[padded]) if self.process.causal_network else 0
       prefill_length = 1 << (prefill_length.bit_length() - 1) if prefill_length else 0  # few compilations
       run = self._sampler(sampler_config, prefill_length, pad_after_eos, guide_fn)
-      tokens_BL = run(self.params, fixed_tokens_NL[padded], fixed_NL[padded], condition_NL[padded], key,
-                      jnp.asarray(row_ids_N[padded]))
+      outputs = run(self.params, fixed_tokens_NL[padded], fixed_NL[padded], condition_NL[padded], key,
+                    jnp.asarray(padded), guide_arrays)
+      tokens_BL, trajectory_SBL = outputs if sampler_config.record_trajectory else (outputs, None)
       tokens.append(np.asarray(tokens_BL)[:len(rows)])
-    return np.concatenate(tokens)
+      if sampler_config.record_trajectory:
+        trajectories.append(np.asarray(trajectory_SBL)[:, :len(rows)])
+    tokens_NL = np.concatenate(tokens)
+    return (tokens_NL, np.concatenate(trajectories, axis=1)) if sampler_config.record_trajectory else tokens_NL
 
   def _sampler_config(self, settings: dict) -> samplers.SamplerConfig:
     """The run's `config.sample` settings with the given ones on top."""
     return config_lib.sampler_config(self.config, **settings)
 
-  def generate(self, prompts: Sequence[str] | None = None, *, num_samples: int | None = None,
+  def generate(self, prompts: str | Sequence[str] | None = None, *, num_samples: int | None = None,
                length: int | None = None, constraints: Sequence[Mapping[int, str]] | None = None,
                seed: int = 0, batch_size: int = 64, guide_fn: guidance.GuideFn | None = None,
-               **settings) -> list[str]:
+               record_trajectory: bool = False, **settings) -> list[str] | tuple[list[str], np.ndarray]:
     """Samples texts: from scratch, continuing prompts, and/or with tokens fixed anywhere (infilling).
 
     Args:
-      prompts: texts whose tokens are fixed at the start of the canvas; None samples
+      prompts: a text, or texts, whose tokens are fixed at the start of the canvas; None samples
         `num_samples` texts (or one per constraint) from scratch.
       num_samples: number of unconditional samples (default: the config's sample.num_samples).
       length: canvas length in tokens, prompt included (default and maximum: the training length).
@@ -105,30 +136,52 @@ class Pipeline:
         position on (e.g. {4: " blue"}); fixed tokens are never changed.
       seed: the i-th text's randomness depends only on (seed, i), not on the batch it lands in.
       batch_size: rows per sampler call.
-      guide_fn: classifier guidance for the Gaussian family (`guidance.classifier_guidance`).
+      guide_fn: classifier guidance for the Gaussian family (`guidance.classifier_guidance`). The
+        sampler compiles once for guides of one structure when their arrays are pytree leaves (as
+        with `control.attribute_log_prob_fn`), and once per function for a plain function inside.
+      record_trajectory: also return the canvas after every step (diffusion families).
       **settings: sampler settings over the run's `config.sample` (steps, strategy, temperature,
         top_k, top_p, block_length, eta, clamp; see `samplers.SamplerConfig`; the autoregressive
-        baseline uses only temperature, top_k and top_p).
+        baseline uses only temperature, top_k and top_p). guidance_scale is `translate`'s: a
+        sample from scratch has no condition to guide toward.
 
     Returns:
-      The decoded texts (prompt included), up to their first [EOS].
+      The decoded texts (prompt included), up to their first [EOS], one per prompt (a list of one
+      for a single text); with `record_trajectory`, (texts, trajectory int32[steps, N, L]), whose
+      rows `tokenizer.decode(row, show_mask=True)` shows.
     """
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    if prompts is not None and not len(prompts) or constraints is not None and not len(constraints):
+      raise ValueError("prompts and constraints must be None or non-empty; generate(None, num_samples=n) "
+                       "samples n texts from scratch")
     length = self.seq_len if length is None else length
     if not 1 <= length <= self.seq_len:
       raise ValueError(f"length must lie in [1, {self.seq_len}] (the model's training length), got {length}")
+    if settings.get("guidance_scale", 1.0) != 1.0:
+      raise ValueError("guidance_scale (classifier-free guidance) needs a condition, and generate has none: use "
+                       "translate(sources, guidance_scale=...) on a model trained on a pair task with "
+                       "config.train.condition_dropout (or guide_fn= for classifier guidance)")
+    if record_trajectory and self.process.causal_network:
+      raise ValueError("record_trajectory needs a diffusion process; the autoregressive baseline writes one "
+                       "token per step")
     num_texts = (len(prompts) if prompts is not None else len(constraints) if constraints is not None
                  else self.config.sample.num_samples if num_samples is None else num_samples)
+    if num_texts < 1:
+      raise ValueError(f"num_samples must be >= 1, got {num_texts}")
     prompts = [""] * num_texts if prompts is None else list(prompts)
     constraints = [{}] * num_texts if constraints is None else list(constraints)
     if len(constraints) != num_texts:
       raise ValueError(f"{len(constraints)} constraints for {num_texts} texts")
-    settings.pop("num_samples", None)  # `config.sample` passed whole
     fixed_tokens_NL, fixed_NL = self._canvas(prompts, constraints, length)
-    tokens_NL = self._run(fixed_tokens_NL, fixed_NL, np.zeros_like(fixed_NL), self._sampler_config(settings),
-                          seed, batch_size, pad_after_eos=True, guide_fn=guide_fn)
-    return [self.tokenizer.decode(row) for row in tokens_NL.tolist()]
+    sampler_config = self._sampler_config({**settings, "guidance_scale": 1.0, "record_trajectory": record_trajectory})
+    outputs = self._run(fixed_tokens_NL, fixed_NL, np.zeros_like(fixed_NL), sampler_config, seed, batch_size,
+                        pad_after_eos=True, guide_fn=guide_fn)
+    tokens_NL, trajectory_SNL = outputs if record_trajectory else (outputs, None)
+    texts = [self.tokenizer.decode(row) for row in tokens_NL.tolist()]
+    return (texts, trajectory_SNL) if record_trajectory else texts
 
-  def translate(self, sources: Sequence[str], *, num_candidates: int = 1, seed: int = 0,
+  def translate(self, sources: str | Sequence[str], *, num_candidates: int = 1, seed: int = 0,
                 batch_size: int = 64, **settings) -> list[str]:
     """The target of each source, for a model trained on a pair task (DiffuSeq-style seq2seq).
 
@@ -137,7 +190,8 @@ class Pipeline:
     samples and the minimum-Bayes-risk one is returned (`evaluate.mbr_select`, DiffuSeq's decoding).
 
     Args:
-      sources: source texts (serialised records for 'data_to_text', texts for 'text_to_data').
+      sources: source texts (serialised records for 'data_to_text', texts for 'text_to_data'), or
+        one source text (a list of one target is returned).
       num_candidates: samples per source for MBR.
       seed, batch_size: as in `generate`.
       **settings: sampler settings over the run's `config.sample`, including guidance_scale
@@ -148,20 +202,23 @@ class Pipeline:
                        f"this one was trained on {self.config.data.task!r}")
     if num_candidates < 1:
       raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    sources = [sources] if isinstance(sources, str) else sources
+    if not len(sources):
+      raise ValueError("sources is empty: translate needs at least one source text")
+    if settings.get("record_trajectory"):
+      raise ValueError("record_trajectory applies to generate, not to translate")
+    eos_id = self.tokenizer.eos_id
     tokens_NL = np.full((len(sources), self.seq_len), self.tokenizer.pad_id, np.int32)
-    source_NL = np.zeros((len(sources), self.seq_len), bool)
     for row, source in enumerate(sources):
-      ids = self.tokenizer.encode(source) + [self.tokenizer.eos_id]
+      ids = pairs.encode_pair(self.tokenizer.encode(source), [], eos_id)
       if len(ids) >= self.seq_len:
         raise ValueError(f"source {row} has {len(ids) - 1} tokens; with its [EOS] it leaves no room for a "
                          f"target in the model's canvas of {self.seq_len}")
       tokens_NL[row, :len(ids)] = ids
-      source_NL[row, :len(ids)] = True
-    repeat = lambda x: np.repeat(x, num_candidates, axis=0)
-    tokens_NL, source_NL = repeat(tokens_NL), repeat(source_NL)
-    condition_NL = source_NL & (tokens_NL != self.tokenizer.eos_id)
-    outputs_NL = self._run(tokens_NL, source_NL, condition_NL, self._sampler_config(settings), seed,
-                           batch_size, pad_after_eos=False)
+    tokens_NL = np.repeat(tokens_NL, num_candidates, axis=0)
+    source_NL = pairs.source_mask(tokens_NL, eos_id)  # the rest of the canvas is free: no [EOS] yet
+    outputs_NL = self._run(tokens_NL, source_NL, pairs.condition_mask(tokens_NL, eos_id),
+                           self._sampler_config(settings), seed, batch_size, pad_after_eos=False)
     targets = [self.tokenizer.decode(row[~source_L]) for row, source_L in zip(outputs_NL, source_NL)]
     grouped = [targets[i:i + num_candidates] for i in range(0, len(targets), num_candidates)]
     return [candidates[evaluate.mbr_select(candidates)] for candidates in grouped]
@@ -188,31 +245,43 @@ class Pipeline:
         fixed_NL[row, position:position + len(ids)] = True
     return tokens_NL, fixed_NL
 
-  def score(self, texts: Sequence[str], *, sources: Sequence[str] | None = None, num_samples: int = 16,
-            seed: int = 0, batch_size: int = 64, truncate: bool = False) -> evaluate.ElboResult:
+  def score(self, texts: str | Sequence[str], *, sources: str | Sequence[str] | None = None,
+            num_samples: int = 16, seed: int = 0, batch_size: int = 64,
+            truncate: bool = False) -> evaluate.ElboResult:
     """Bound of each text in bits (`bits_per_sequence`) and over all (`bits_per_token`): the
     negative ELBO of a diffusion model, the exact NLL of the autoregressive baseline.
 
     A model trained on a pair task scores each text as the target of its source (`sources`, one
     per text). A row (source, its [EOS], the text and its [EOS]) must fit in the canvas; with
-    `truncate`, longer texts are cut to fit instead of refused.
+    `truncate`, longer texts are cut to fit instead of refused. A single text (and source) is
+    scored as a list of one. Every text needs a token: an empty one is refused, since its bits per
+    token are undefined.
     """
+    texts = [texts] if isinstance(texts, str) else texts
+    sources = [sources] if isinstance(sources, str) else sources
+    if not len(texts):
+      raise ValueError("texts is empty: score needs at least one text")
     if self._pairs != (sources is not None):
       raise ValueError("a model trained on a pair task scores texts as targets of sources=[...]" if self._pairs
                        else "sources= applies to a model trained on a pair task, not to this language model")
     if sources is not None and len(sources) != len(texts):
       raise ValueError(f"got {len(sources)} sources for {len(texts)} texts")
+    eos_id = self.tokenizer.eos_id
     prefixes = ([[]] * len(texts) if sources is None
-                else [self.tokenizer.encode(source) + [self.tokenizer.eos_id] for source in sources])
+                else [pairs.encode_pair(self.tokenizer.encode(source), [], eos_id) for source in sources])
     encoded = [self.tokenizer.encode(text) for text in texts]
     if truncate:
       encoded = [ids[:max(self.seq_len - 1 - len(prefix), 0)] for ids, prefix in zip(encoded, prefixes)]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+      raise ValueError(f"texts {empty} have no tokens{' left once cut to fit' if truncate else ''}; score needs "
+                       "at least one per text (bits per token divide by the token count)")
     too_long = [i for i, (ids, prefix) in enumerate(zip(encoded, prefixes)) if len(prefix) + len(ids) >= self.seq_len]
     if too_long:
       raise ValueError(f"texts {too_long} (after their sources) have >= {self.seq_len} tokens, more than the "
                        "model's canvas holds with its [EOS]")
     rows_NL = batching.pad_documents([prefix + ids for prefix, ids in zip(prefixes, encoded)], self.seq_len,
-                                     eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+                                     eos_id=eos_id, pad_id=self.tokenizer.pad_id)
     return evaluate.elbo(self._nelbo_fn, self.params, rows_NL, np.array([len(ids) for ids in encoded]),
                          num_samples=num_samples, batch_size=min(batch_size, 1 << (len(texts) - 1).bit_length()),
                          seed=seed, exact=self.process.exact_likelihood)
@@ -227,16 +296,17 @@ class Pipeline:
     data = datasets.load_data(config_lib.data_config(self.config), workdir)
     eval_config = self.config.eval
     exact_time_sum = eval_config.exact_time_sum if exact_time_sum is None else exact_time_sum
-    nelbo_fn = (train.make_nelbo_fn(self.graphdef, self.process, exact_time_sum=True) if exact_time_sum
-                else self._nelbo_fn)  # the jitted bound that `score` compiled already
+    nelbo_fn = (experiment_lib.make_nelbo_fn(self.graphdef, self.process, exact_time_sum=True, pairs=self._pairs)
+                if exact_time_sum else self._nelbo_fn)  # the jitted bound that `score` compiled already
     return evaluate.held_out_elbo(nelbo_fn, self.params, data,
                                   num_samples=num_samples or eval_config.elbo_samples,
                                   batch_size=eval_config.batch_size, max_rows=max_docs or eval_config.max_docs,
-                                  seed=seed, exact=self.process.exact_likelihood)
+                                  seed=seed, exact=self.process.exact_likelihood, exact_time_sum=exact_time_sum)
 
 
 def load(workdir: str, step: int | None = None, use_ema: bool = True) -> Pipeline:
-  """The model saved in `workdir` (its latest checkpoint unless `step` is given)."""
+  """The model saved in `workdir` (its latest checkpoint unless `step` is given): only its
+  parameters are read, the EMA of them if `use_ema` and the run kept one."""
   manager = checkpoint.make_manager(workdir, read_only=True)
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -244,11 +314,25 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True) -> Pipelin
   saved = checkpoint.read_json_items(manager, step)
   config = config_lib.with_defaults(saved["config"])
   tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
-  experiment = train.make_experiment(config, tokenizer.vocab_size, train.load_neighbor_graph(workdir))
+  experiment = experiment_lib.make_experiment(config, tokenizer.vocab_size,
+                                              experiment_lib.load_neighbor_graph(workdir))
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
-  optimizer = train.make_optimizer(config.train)
-  graphdef, abstract_state, _ = train.abstract_state(experiment, config, mesh, optimizer)
-  state = checkpoint.restore_state(manager, step, abstract_state)
-  params = state.ema_params if use_ema and state.ema_params is not None else state.params
+  graphdef, params, shardings = experiment_lib.abstract_params(experiment.model, mesh)
+  name = "ema_params" if use_ema and config.train.ema_decay > 0 else "params"
+  params = _restore_params(manager, step, name, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings))
   return Pipeline(graphdef=graphdef, params=params, tokenizer=tokenizer, process=experiment.process,
                   seq_len=experiment.data.seq_len, config=config)
+
+
+def _restore_params(manager: ocp.CheckpointManager, step: int, name: str, abstract_params: Any) -> Any:
+  """The `name` subtree ('params' or 'ema_params') of a step's train state, onto the shardings of
+  `abstract_params` (ShapeDtypeStructs); the optimizer state and the rest are not read."""
+  item = {name: abstract_params}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+  except Exception as error:  # orbax raises many types for missing or damaged files
+    raise checkpoint.CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be restored "
+                                     f"({error})") from error
+  return restored["state"][name]

@@ -1,5 +1,10 @@
 """Reverse processes as one `lax.scan` kernel over a fixed step grid.
 
+`sample` runs any `base.DiffusionProcess` the same way: `process.initial_state`, then per step the
+network on `state.network_input` and a step of the state (the process's own `reverse_step`, or a
+k-reveal step of an absorbing process), then `process.tokens`; fixed positions are held by the
+process's state. `check_sampler` says which settings a process can use.
+
 Strategies:
   'ancestral'       every process: its exact reverse step x_t -> x_s (`process.reverse_step`), e.g.
                     MDLM's for the masked process: a masked token is revealed between t and s < t
@@ -13,10 +18,10 @@ Strategies:
 The k-strategies reveal the positions of each block evenly over the block's steps; with
 `block_length > 0` blocks are generated left to right (semi-autoregressive, LLaDA sec. 2.4).
 Every strategy draws its tokens with the same `base.TokenDraw` (temperature, top-k, top-p).
-The Gaussian family's state is a point z of the embedding space instead of a token canvas: its
-steps can snap the predicted z0_hat to the nearest embedding (`clamp`, Diffusion-LM's clamping
-trick), take classifier guidance (`guide_fn`), and the final z_0 is rounded to the nearest
-embedding.
+The Gaussian family's state is a point z of the embedding space instead of a token canvas
+(`gaussian.Points`): its steps can snap the predicted z0_hat to the nearest embedding (`clamp`,
+Diffusion-LM's clamping trick) and take classifier guidance (`guide_fn`), and its tokens are z
+rounded to the nearest embedding.
 
 Classifier-free guidance (`guidance_scale`, see `guidance.py`) works for every diffusion family:
 the network runs on the canvas with and without its condition (`condition_BL`) and the outputs
@@ -31,7 +36,6 @@ positions pay for the softmax and the draw.
 The autoregressive baseline decodes left to right with a KV cache instead (`decode`, at the end).
 """
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -43,7 +47,8 @@ from ddlm_jax import guidance
 from ddlm_jax.processes import base
 from ddlm_jax.processes import gaussian
 
-TOKEN_STRATEGIES = ("ancestral", "random", "low_confidence")
+REVEAL_STRATEGIES = ("random", "low_confidence")  # absorbing processes
+TOKEN_STRATEGIES = ("ancestral",) + REVEAL_STRATEGIES
 EMBEDDING_STRATEGIES = ("ancestral", "ddim")  # the Gaussian family
 STRATEGIES = TOKEN_STRATEGIES + ("ddim",)
 
@@ -96,6 +101,12 @@ class SamplerConfig:
   def draw(self) -> base.TokenDraw:
     return base.TokenDraw(self.temperature, self.top_k, self.top_p)
 
+  @property
+  def step_settings(self) -> base.StepSettings:
+    """What a process's `reverse_step` reads."""
+    return base.StepSettings(draw=self.draw, method="ddim" if self.strategy == "ddim" else "ddpm",
+                             eta=self.eta, clamp=self.clamp)
+
   def max_blocks(self, length: int) -> int:
     """Blocks of a canvas of `length` free positions; each needs at least one step."""
     num_blocks = -(-length // self.block_length) if self.block_length else 1
@@ -113,15 +124,13 @@ class SamplingPlan:
     block_BL: int32[B, L], semi-autoregressive block of each position to generate (-1 otherwise).
     block_of_step_BS: int32[B, steps], the block each row works on at each step.
     reveal_counts_BS: int32[B, steps], tokens revealed per row and step (k-strategies).
-    row_keys_B: per-row PRNG keys.
   """
   block_BL: jax.Array
   block_of_step_BS: jax.Array
   reveal_counts_BS: jax.Array
-  row_keys_B: jax.Array
 
 
-def make_plan(config: SamplerConfig, to_generate_BL: jax.Array, row_keys_B: jax.Array) -> SamplingPlan:
+def make_plan(config: SamplerConfig, to_generate_BL: jax.Array) -> SamplingPlan:
   """Blocks of the positions to generate, and how many each step of each row reveals.
 
   Row b with n_b positions to generate has ceil(n_b / block_length) blocks; block j owns the
@@ -142,7 +151,12 @@ def make_plan(config: SamplerConfig, to_generate_BL: jax.Array, row_keys_B: jax.
   reveal_counts_BS = (size_BS // steps_in_block_BS
                       + (step_S - first_step_BS < size_BS % steps_in_block_BS))
   return SamplingPlan(block_BL=block_BL, block_of_step_BS=block_of_step_BS.astype(jnp.int32),
-                      reveal_counts_BS=reveal_counts_BS.astype(jnp.int32), row_keys_B=row_keys_B)
+                      reveal_counts_BS=reveal_counts_BS.astype(jnp.int32))
+
+
+def cumulative_before(x_BL: jax.Array) -> jax.Array:
+  """bool[B, L]: whether x is True at some position to the left (exclusive)."""
+  return jnp.cumsum(x_BL, axis=1) - x_BL > 0
 
 
 def top_k_mask(scores_BL: jax.Array, k_B: jax.Array) -> jax.Array:
@@ -157,19 +171,30 @@ def step_times(config: SamplerConfig, step: jax.Array) -> tuple[jax.Array, jax.A
   return 1.0 - step / config.steps, 1.0 - (step + 1) / config.steps
 
 
-def sampler_step(model_fn: base.ModelFn, process, config: SamplerConfig, plan: SamplingPlan,
-                 canvas_BL: jax.Array, step: jax.Array) -> jax.Array:
-  """One reverse step of `process`: canvas at time t -> canvas at time s."""
-  batch_size, length = canvas_BL.shape
-  t, s = step_times(config, step)
-  step_keys_B = jax.vmap(lambda row_key: jax.random.fold_in(row_key, step))(plan.row_keys_B)
-  uniforms_B2L = jax.vmap(lambda k: jax.random.uniform(k, (2, length)))(step_keys_B)
-  token_u_BL, choice_u_BL = uniforms_B2L[:, 0], uniforms_B2L[:, 1]
+def step_keys(row_keys_B: jax.Array, step: jax.Array) -> jax.Array:
+  """The per-row keys of one step: fold_in(row_keys_B[b], step)."""
+  return jax.vmap(lambda row_key: jax.random.fold_in(row_key, step))(row_keys_B)
 
-  logits_BLW = model_fn(canvas_BL, jnp.full((batch_size,), t))
-  if config.strategy == "ancestral":
-    return process.reverse_step(canvas_BL, logits_BLW, t, s, token_u_BL, choice_u_BL, config.draw)
 
+def reveal_step(process: base.AbsorbingProcess, config: SamplerConfig, plan: SamplingPlan,
+                canvas: base.Canvas, logits_BLW: jax.Array, t: jax.Array, step: jax.Array,
+                step_keys_B: jax.Array, eos_id: int | None = None, pad_id: int | None = None) -> base.Canvas:
+  """One step of a k-reveal strategy: reveals plan.reveal_counts_BS[:, step] masked positions of
+  each row's current block, drawn from p(x_0 | x_t) ('random': at random positions,
+  'low_confidence': where the model gives the drawn token the highest probability).
+
+  'low_confidence' with eos_id and pad_id reveals a row in the shape of the data, text [EOS]
+  [PAD]..., and never reveals an end ahead of the content it ends (else the confident [PAD]s of a
+  mostly padded corpus are revealed first, at the start of the canvas, and the text is empty):
+  [PAD] is drawn only after a revealed [EOS] (elsewhere the draw is from p(x_0 | x_t) without
+  [PAD], renormalised), and a drawn [EOS] or [PAD] with a masked position to its left ranks below
+  every other position (among themselves leftmost first).
+  'random' draws and orders as the model says: its positions do not depend on the drawn tokens, so
+  one reveal per step with an exact denoiser samples the data distribution exactly.
+  """
+  canvas_BL = canvas.tokens_BL
+  length = canvas_BL.shape[1]
+  token_u_BL, choice_u_BL = base.step_uniforms(step_keys_B, length)
   in_block_BL = plan.block_BL == plan.block_of_step_BS[:, step, None]
   if config.block_length:  # only the current block's C = block_length positions pay for the sampling maths
     positions_BC = jnp.argsort(~in_block_BL, axis=1, stable=True)[:, :config.block_length]
@@ -178,36 +203,26 @@ def sampler_step(model_fn: base.ModelFn, process, config: SamplerConfig, plan: S
         x_BL, positions_BC, x_BC)
   else:
     gather, scatter = (lambda x_BL: x_BL), (lambda x_BL, x_BC: x_BC)
-  canvas_BC = gather(canvas_BL)
-  log_probs_BCV = process.x0_log_probs(gather(logits_BLW))
-  candidates_BC = config.draw(log_probs_BCV, gather(token_u_BL))
+  canvas_BC, token_u_BC = gather(canvas_BL), gather(token_u_BL)
+  log_probs_BCV = process.denoiser_log_probs(gather(logits_BLW), canvas_BC, t)
   active_BC = (canvas_BC == process.mask_id) & gather(in_block_BL)
+  shaped = config.strategy == "low_confidence" and eos_id is not None and pad_id is not None
+  if shaped:
+    pad_barred_BC1 = ~gather(cumulative_before(canvas_BL == eos_id))[..., None]
+    log_probs_BCV = jnp.where(pad_barred_BC1 & (jnp.arange(log_probs_BCV.shape[-1]) == pad_id), -jnp.inf,
+                              log_probs_BCV)
+  candidates_BC = config.draw(log_probs_BCV, token_u_BC)
   if config.strategy == "random":
     scores_BC = gather(choice_u_BL)
   else:
     scores_BC = base.token_log_likelihood(log_probs_BCV, candidates_BC)
+  if shaped:
+    ends_BC = (candidates_BC == eos_id) | (candidates_BC == pad_id)
+    # Block positions are in order, and the blocks before the current one are complete.
+    scores_BC = jnp.where(ends_BC & cumulative_before(active_BC), jnp.finfo(scores_BC.dtype).min, scores_BC)
   scores_BC = jnp.where(active_BC, scores_BC, -jnp.inf)
   reveal_BC = active_BC & top_k_mask(scores_BC, plan.reveal_counts_BS[:, step])
-  return scatter(canvas_BL, jnp.where(reveal_BC, candidates_BC, canvas_BC))
-
-
-def gaussian_step(model: gaussian.EmbeddingModel, process: gaussian.GaussianDiffusion,
-                  config: SamplerConfig, row_keys_B: jax.Array, table_VD: jax.Array, free_BL: jax.Array,
-                  guide_fn: guidance.GuideFn | None, z_BLD: jax.Array, step: jax.Array) -> jax.Array:
-  """One reverse step z_t -> z_s of the Gaussian family (DDPM or DDIM, optionally clamped and
-  classifier-guided); free positions get noise of their row's key."""
-  batch_size = z_BLD.shape[0]
-  t, s = step_times(config, step)
-  z0_hat_BLD = model.denoise_fn(z_BLD, jnp.full((batch_size,), t))
-  if config.clamp:
-    z0_hat_BLD = gaussian.clamp_to_embeddings(z0_hat_BLD, table_VD)
-  method = "ddim" if config.strategy == "ddim" else "ddpm"
-  mean_BLD, noise_var, posterior_var = process.step_mean_var(z_BLD, z0_hat_BLD, t, s, method, config.eta)
-  if guide_fn is not None:
-    mean_BLD = guide_fn(mean_BLD, posterior_var, jnp.full((batch_size,), s), free_BL)
-  noise_BLD = jax.vmap(lambda row_key: jax.random.normal(jax.random.fold_in(row_key, step),
-                                                         z_BLD.shape[1:]))(row_keys_B)
-  return mean_BLD + jnp.sqrt(noise_var) * noise_BLD
+  return canvas.moved_to(scatter(canvas_BL, jnp.where(reveal_BC, candidates_BC, canvas_BC)))
 
 
 def pad_after_eos(tokens_BL: jax.Array, fixed_BL: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
@@ -217,90 +232,99 @@ def pad_after_eos(tokens_BL: jax.Array, fixed_BL: jax.Array, eos_id: int, pad_id
   return jnp.where(after_eos_BL & ~fixed_BL, pad_id, tokens_BL)
 
 
-def sample(model_fn: base.ModelFn | gaussian.EmbeddingModel, process, config: SamplerConfig,
-           fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array,
+def sample(model_fn: base.ModelFn | gaussian.EmbeddingModel, process: base.DiffusionProcess,
+           config: SamplerConfig, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array,
            row_ids_B: jax.Array | None = None, eos_id: int | None = None,
            pad_id: int | None = None, condition_BL: jax.Array | None = None,
            null_id: int | None = None, guide_fn: guidance.GuideFn | None = None):
-  """Runs the reverse process from the prior to a clean canvas.
+  """Runs the reverse process from the prior to a clean canvas: `process.initial_state`, then one
+  `lax.scan` over the steps of the network at `state.network_input` and the process's step (the
+  strategy's), then `process.tokens`.
 
   Args:
     model_fn: (x_t int32[B, L], t float32[B]) -> logits float32[B, L, W]; for the Gaussian
       family a `gaussian.EmbeddingModel`.
-    process: a diffusion process (see `processes/base.py`); the k-reveal strategies need an
-      absorbing one (with a `mask_id`), 'ddim', clamp and guide_fn the Gaussian family.
+    process: a diffusion process (`base.DiffusionProcess`); the k-reveal strategies need an
+      absorbing one, 'ddim', clamp and guide_fn the Gaussian family (see `check_sampler`).
     config: sampler settings.
     fixed_tokens_BL: int32[B, L], tokens at fixed positions (ignored elsewhere).
     fixed_BL: bool[B, L], positions that are never changed (prompt, constraints, padding).
     key: PRNG key.
     row_ids_B: int32[B] identities of the rows for their randomness; defaults to 0..B-1.
-    eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD].
+    eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD], and
+      'low_confidence' never reveals them ahead of the content they end (`reveal_step`).
     condition_BL: bool[B, L], the fixed positions that form the condition (a source segment);
       classifier-free guidance replaces them by `null_id` in the unconditional branch.
     null_id: the null condition's token (the [PAD] of conditioning dropout).
-    guide_fn: classifier guidance of the Gaussian family (`guidance.classifier_guidance`).
+    guide_fn: classifier guidance of the Gaussian family (`guidance.ClassifierGuide`).
 
   Returns:
-    tokens int32[B, L]; with `config.record_trajectory`, also the canvases int32[steps, B, L]
-    (the Gaussian family's z rounded to tokens).
+    tokens int32[B, L]; with `config.record_trajectory`, also the tokens after every step
+    int32[steps, B, L] (the Gaussian family's z rounded to tokens).
   """
-  continuous = getattr(process, "continuous", False)
-  absorbing = getattr(process, "mask_id", None) is not None
-  _check_sampler(process, config, continuous, absorbing, condition_BL, null_id, guide_fn)
+  check_sampler(process, config, condition_BL=condition_BL, null_id=null_id, guide_fn=guide_fn,
+                sampling=True)
   batch_size = fixed_BL.shape[0]
   if row_ids_B is None:
     row_ids_B = jnp.arange(batch_size)
   row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids_B)
-  prior_keys_B = jax.vmap(lambda row_key: jax.random.fold_in(row_key, config.steps))(row_keys_B)
-  guided = config.guidance_scale != 1.0
-
-  if continuous:
-    table_VD = process.table(model_fn.embeddings_VD)
-    if guided:
-      model_fn = gaussian.EmbeddingModel(
-          guidance.classifier_free(model_fn.denoise_fn, condition_BL, table_VD[null_id],
-                                   config.guidance_scale), model_fn.embeddings_VD)
-    clean_BLD = table_VD[fixed_tokens_BL]
-    state = jax.vmap(lambda clean_LD, fixed_L, row_key: process.initial_state(
-        clean_LD[None], fixed_L[None], row_key)[0])(clean_BLD, fixed_BL, prior_keys_B)
-    step_fn = functools.partial(gaussian_step, model_fn, process, config, row_keys_B, table_VD, ~fixed_BL,
-                                guide_fn)
-    hold = lambda z_BLD: gaussian.hold(z_BLD, clean_BLD, fixed_BL)
-    tokens_of = lambda z_BLD: jnp.where(fixed_BL, fixed_tokens_BL, gaussian.round_to_tokens(z_BLD, table_VD))
-  else:
-    if guided:
-      model_fn = guidance.classifier_free(model_fn, condition_BL, null_id, config.guidance_scale)
-    state = jax.vmap(lambda tokens_L, fixed_L, row_key: process.initial_canvas(
-        tokens_L[None], fixed_L[None], row_key)[0])(fixed_tokens_BL, fixed_BL, prior_keys_B)
-    plan = make_plan(config, state == process.mask_id if absorbing else ~fixed_BL, row_keys_B)
-    step_fn = functools.partial(sampler_step, model_fn, process, config, plan)
-    hold = lambda canvas_BL: jnp.where(fixed_BL, fixed_tokens_BL, canvas_BL)  # processes that resample all
-    tokens_of = lambda canvas_BL: canvas_BL
+  state = process.initial_state(model_fn, fixed_tokens_BL, fixed_BL, step_keys(row_keys_B, config.steps))
+  if config.guidance_scale != 1.0:
+    model_fn = guidance.classifier_free(model_fn, condition_BL, process.clean_input(state, null_id),
+                                        config.guidance_scale)
+  reveals = config.strategy in REVEAL_STRATEGIES
+  if reveals:
+    plan = make_plan(config, process.tokens(state) == process.mask_id)
+  guide = {} if guide_fn is None else {"guide_fn": guide_fn}
 
   def body(state, step):
-    state = hold(step_fn(state, step))
-    return state, tokens_of(state).astype(jnp.int32) if config.record_trajectory else None
+    t, s = step_times(config, step)
+    keys_B = step_keys(row_keys_B, step)
+    output = model_fn(state.network_input, jnp.full((batch_size,), t))
+    if reveals:
+      state = reveal_step(process, config, plan, state, output, t, step, keys_B, eos_id, pad_id)
+    else:
+      state = process.reverse_step(state, output, t, s, keys_B, config.step_settings, **guide)
+    return state, process.tokens(state).astype(jnp.int32) if config.record_trajectory else None
 
   state, trajectory_SBL = jax.lax.scan(body, state, jnp.arange(config.steps))
-  tokens_BL = tokens_of(state).astype(jnp.int32)
+  tokens_BL = process.tokens(state).astype(jnp.int32)
   if eos_id is not None:
     tokens_BL = pad_after_eos(tokens_BL, fixed_BL, eos_id, pad_id)
   return (tokens_BL, trajectory_SBL) if config.record_trajectory else tokens_BL
 
 
-def _check_sampler(process, config: SamplerConfig, continuous: bool, absorbing: bool,
-                   condition_BL, null_id, guide_fn) -> None:
-  """Raises ValueError for settings the process cannot use."""
+def check_sampler(process: base.Process, config: SamplerConfig, *, condition_BL: jax.Array | None = None,
+                  null_id: int | None = None, guide_fn: guidance.GuideFn | None = None,
+                  sampling: bool = False) -> None:
+  """Raises ValueError for a sampler setting the process cannot use.
+
+  Args:
+    process: any process; the autoregressive baseline decodes (`decode`) and reads only the token
+      draw settings.
+    config: the sampler settings.
+    condition_BL, null_id: classifier-free guidance's condition and null token.
+    guide_fn: classifier guidance (the Gaussian family only).
+    sampling: a sampler call: guidance_scale != 1 then needs condition_BL and null_id (a config
+      check leaves it False: the condition comes with the data).
+  """
   name = type(process).__name__
+  continuous = not process.causal_network and process.continuous
   if continuous and config.strategy not in EMBEDDING_STRATEGIES:
     raise ValueError(f"strategy {config.strategy!r} reveals tokens; {name} takes 'ancestral' (DDPM) or 'ddim'")
-  if not continuous:
-    if config.strategy not in TOKEN_STRATEGIES or config.clamp or guide_fn is not None:
-      raise ValueError(f"'ddim', clamp and classifier guidance work on embeddings; {name} has tokens")
-    if config.strategy != "ancestral" and not absorbing:
-      raise ValueError(f"strategy {config.strategy!r} reveals [MASK]ed positions; {name} "
-                       "has no [MASK] state, use strategy 'ancestral'")
-  if config.guidance_scale != 1.0 and (condition_BL is None or null_id is None):
+  if not continuous and (config.strategy == "ddim" or config.clamp or guide_fn is not None):
+    raise ValueError(f"'ddim', clamp and classifier guidance work on embeddings; {name} has tokens")
+  if process.causal_network:
+    if sampling:
+      raise ValueError(f"{name} has no reverse process; it decodes left to right (`decode`)")
+    if config.guidance_scale != 1.0:
+      raise ValueError(f"classifier-free guidance (guidance_scale != 1) needs a diffusion process; {name} "
+                       "decodes left to right")
+    return
+  if config.strategy in REVEAL_STRATEGIES and not process.absorbing:
+    raise ValueError(f"strategy {config.strategy!r} reveals [MASK]ed positions; {name} "
+                     "has no [MASK] state, use strategy 'ancestral'")
+  if sampling and config.guidance_scale != 1.0 and (condition_BL is None or null_id is None):
     raise ValueError("classifier-free guidance (guidance_scale != 1) needs the condition's positions "
                      "(condition_BL) and its null token (null_id)")
 
@@ -346,7 +370,7 @@ def decode(step_fn: DecodeStepFn, cache: Any, process, config: SamplerConfig,
   At position l the step function is fed the token at l - 1 ([BOS] at l = 0) and returns the
   logits of position l. A fixed position keeps its token (and later positions are conditioned on
   it), so prompts may have a different length in every row; a free position is drawn from
-  `process.x0_log_probs` with `config.draw`: argmax at temperature 0, else an inverse-CDF draw at
+  `process.next_token_log_probs` with `config.draw`: argmax at temperature 0, else an inverse-CDF draw at
   the temperature, within top-k and the top-p nucleus. Row r at position l uses the uniform of
   fold_in(fold_in(key, row_ids[r]), l), so a row's sample does not depend on its batch.
   `config.steps`, `strategy`, `block_length` and `record_trajectory` do not apply and are ignored.
@@ -385,7 +409,7 @@ def decode(step_fn: DecodeStepFn, cache: Any, process, config: SamplerConfig,
     logits_B1W, cache = step_fn(previous_B[:, None], position, cache)
     uniforms_B1 = jax.vmap(lambda row_key: jax.random.uniform(jax.random.fold_in(row_key, position),
                                                               (1,)))(row_keys_B)
-    drawn_B = draw(process.x0_log_probs(logits_B1W), uniforms_B1)[:, 0]
+    drawn_B = draw(process.next_token_log_probs(logits_B1W), uniforms_B1)[:, 0]
     token_B = jnp.where(fixed_B, fixed_tokens_B, drawn_B)
     return (token_B, cache), token_B
 

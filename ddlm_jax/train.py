@@ -7,7 +7,6 @@ workdir)` builds data, mesh, model and optimizer from the config, resumes from t
 latest checkpoint if there is one, trains with a progress bar, logs to TensorBoard, checkpoints
 (also on SIGTERM), and ends with a held-out evaluation and a few samples.
 """
-import dataclasses
 import functools
 import os
 import signal
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -28,24 +28,13 @@ from flax import nnx
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
 from ddlm_jax import evaluate
-from ddlm_jax import guidance
-from ddlm_jax import schedules
+from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import sharding
 from ddlm_jax.data import datasets
 from ddlm_jax.data import batching
 from ddlm_jax.data import corpus
-from ddlm_jax.data import tokenizers
+from ddlm_jax.data import pairs as pairs_lib
 from ddlm_jax.networks import transformer
-from ddlm_jax.processes import autoregressive
-from ddlm_jax.processes import d3pm
-from ddlm_jax.processes import gaussian
-from ddlm_jax.processes import masked
-from ddlm_jax.processes import uniform
-
-
-# The network's vocabulary is padded to a multiple of this so that it splits over any tensor axis;
-# the process ignores the extra logits.
-VOCAB_MULTIPLE = 128
 
 
 @flax.struct.dataclass
@@ -57,129 +46,6 @@ class TrainState:
   ema_params: nnx.State | None
 
 
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-  """The frozen settings of one run, built from its config."""
-  data: datasets.DataConfig
-  model: transformer.TransformerConfig
-  process: Any  # one of the processes in ddlm_jax/processes (contract in processes/base.py)
-
-
-def make_process(settings: ml_collections.ConfigDict, vocab_size: int,
-                 neighbor_graph: "d3pm.NeighborGraph | None" = None):
-  """The process named by `config.process` over a vocabulary of the tokenizers' special ids."""
-  if settings.name == "autoregressive":
-    return autoregressive.Autoregressive(vocab_size=vocab_size, bos_id=tokenizers.BOS_ID,
-                                         excluded_ids=(tokenizers.MASK_ID,))
-  if settings.name == "gaussian":
-    return gaussian.GaussianDiffusion(vocab_size=vocab_size, latent_dim=settings.latent_dim,
-                                      schedule=gaussian.NoiseSchedule(settings.schedule),
-                                      num_steps=settings.num_steps, antithetic_time=settings.antithetic_time)
-  schedule = schedules.Schedule(settings.schedule, settings.schedule_eps)
-  if settings.name == "masked":
-    return masked.MaskedDiffusion(vocab_size=vocab_size, mask_id=tokenizers.MASK_ID, schedule=schedule,
-                                  antithetic_time=settings.antithetic_time)
-  if settings.name == "uniform":
-    return uniform.UniformDiffusion(vocab_size=vocab_size, schedule=schedule,
-                                    antithetic_time=settings.antithetic_time)
-  if settings.name == "d3pm":
-    absorbing = settings.transition == "absorbing"
-    return d3pm.D3PM(vocab_size=vocab_size, transition=settings.transition, num_steps=settings.num_steps,
-                     schedule=schedule, hybrid_coeff=settings.hybrid_coeff,
-                     mask_id=tokenizers.MASK_ID if absorbing else None, graph=neighbor_graph,
-                     antithetic_time=settings.antithetic_time)
-  raise ValueError(f"unknown process {settings.name!r}")
-
-
-def make_experiment(config: ml_collections.ConfigDict, vocab_size: int,
-                    neighbor_graph: "d3pm.NeighborGraph | None" = None) -> Experiment:
-  """Frozen settings from a validated config and the tokenizer's vocabulary size (and, for D3PM's
-  nearest-neighbour transition, its token graph)."""
-  data = config_lib.data_config(config)
-  process = make_process(config.process, vocab_size, neighbor_graph)
-  padded_vocab_size = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-  model = transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=data.seq_len,
-                                        causal=process.causal_network,
-                                        latent_dim=getattr(process, "latent_dim", 0), **config.model.to_dict())
-  return Experiment(data=data, model=model, process=process)
-
-
-def neighbor_graph_path(workdir: str) -> str:
-  return os.path.join(workdir, "neighbor_graph.npz")
-
-
-def build_neighbor_graph(config: ml_collections.ConfigDict, train_rows_NL: np.ndarray, vocab_size: int,
-                         workdir: str) -> "d3pm.NeighborGraph | None":
-  """D3PM's nearest-neighbour graph over token co-occurrence embeddings, saved in the workdir with
-  the settings that made it (None for every other process). A resumed run or a loaded pipeline
-  reads the saved graph; one saved under other settings is rebuilt."""
-  if config.process.name != "d3pm" or config.process.transition != "nearest_neighbor":
-    return None
-  settings = dict(vocab_size=vocab_size, num_neighbors=config.process.num_neighbors,
-                  neighbor_embed_dim=config.process.neighbor_embed_dim)
-  saved = load_neighbor_graph(workdir, settings)
-  if saved is not None:
-    return saved
-  embeddings_VD = d3pm.cooccurrence_embeddings(train_rows_NL, vocab_size, config.process.neighbor_embed_dim)
-  graph = d3pm.NeighborGraph.from_embeddings(embeddings_VD, config.process.num_neighbors)
-  if jax.process_index() == 0:
-    path = neighbor_graph_path(workdir)
-    np.savez(path + ".tmp.npz", neighbors_VK=np.asarray(graph.neighbors_VK),
-             weights_VK=np.asarray(graph.weights_VK), **settings)
-    os.replace(path + ".tmp.npz", path)
-  return graph
-
-
-def load_neighbor_graph(workdir: str, settings: dict | None = None) -> "d3pm.NeighborGraph | None":
-  """The graph saved by `build_neighbor_graph`; None if there is none, or if `settings` are given
-  and it was built under others."""
-  path = neighbor_graph_path(workdir)
-  if not os.path.exists(path):
-    return None
-  with np.load(path) as saved:
-    if settings and any(int(saved[name]) != value for name, value in settings.items()):
-      return None
-    return d3pm.NeighborGraph(neighbors_VK=jnp.asarray(saved["neighbors_VK"]),
-                              weights_VK=jnp.asarray(saved["weights_VK"]))
-
-
-def bind(graphdef: nnx.GraphDef, params: nnx.State,
-         dropout_key: jax.Array | None = None) -> Callable | gaussian.EmbeddingModel:
-  """model_fn(x_t_BL, t_B) -> logits_BLV of the network with these parameters; for an
-  embedding-space network (the Gaussian family) its denoiser with its embedding table."""
-  model = nnx.merge(graphdef, params)
-  model_fn = lambda xt_BL, t_B: model(xt_BL, t_B, dropout_key=dropout_key)
-  if model.config.latent_dim:
-    return gaussian.EmbeddingModel(model_fn, model.embedding[...])
-  return model_fn
-
-
-def source_and_rows(rows_BL: jax.Array, pairs: bool, condition_dropout: float = 0.0,
-                    key: jax.Array | None = None) -> tuple[jax.Array | None, jax.Array]:
-  """(prompt mask, rows) of a batch: a pair's source (up to its first [EOS]) is conditioned on and
-  not scored; with `condition_dropout`, that share of the rows has its source replaced by [PAD]
-  (the null condition of classifier-free guidance). (None, rows) for language modelling."""
-  if not pairs:
-    return None, rows_BL
-  source_BL = batching.source_mask(rows_BL, tokenizers.EOS_ID)
-  if condition_dropout:
-    drop_B = jax.random.bernoulli(key, condition_dropout, rows_BL.shape[:1])
-    condition_BL = source_BL & (rows_BL != tokenizers.EOS_ID) & drop_B[:, None]
-    rows_BL = guidance.drop_condition(rows_BL, condition_BL, tokenizers.PAD_ID)
-  return source_BL, rows_BL
-
-
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with linear warm-up, cosine decay and global-norm gradient clipping."""
-  learning_rate = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
-      decay_steps=max(train.num_steps, train.warmup_steps + 1),
-      end_value=train.learning_rate * train.min_learning_rate_ratio)
-  return optax.chain(
-      optax.clip_by_global_norm(train.grad_clip_norm),
-      optax.adamw(learning_rate, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay))
-
-
 def train_step(state: TrainState, batch_BL: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef,
                optimizer: optax.GradientTransformation, process, ema_decay: float, pairs: bool = False,
                condition_dropout: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -187,26 +53,36 @@ def train_step(state: TrainState, batch_BL: jax.Array, key: jax.Array, *, graphd
   `pairs` (a sequence-to-sequence task) only the targets are noised and scored."""
   step_key = jax.random.fold_in(key, state.step)
   loss_key, dropout_key, condition_key = jax.random.split(step_key, 3)
-  source_BL, batch_BL = source_and_rows(batch_BL, pairs, condition_dropout, condition_key)
+  source_BL, batch_BL = pairs_lib.source_and_rows(batch_BL, pairs, condition_dropout, condition_key)
 
   def loss_fn(params):
-    return process.loss(bind(graphdef, params, dropout_key), batch_BL, loss_key, source_BL)
+    return process.loss(experiment_lib.bind(graphdef, params, dropout_key), batch_BL, loss_key, source_BL)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_params is not None:
-    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params)
+    decay = warmed_up_ema_decay(state.step, ema_decay)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
   metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 
 
-def abstract_state(experiment: Experiment, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+def warmed_up_ema_decay(step: jax.Array, ema_decay: float) -> jax.Array:
+  """The EMA decay of the update after `step` optimizer steps: min(ema_decay, (1 + step) / (10 + step)).
+
+  A fixed decay of 0.9999 would leave an EMA of 5,000 steps still 60% initialisation; this one
+  averages over a window that grows with the run (0.1 at step 0, 0.9 at step 80, 0.99 at step 890).
+  """
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def abstract_state(experiment: experiment_lib.Experiment, config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh,
                    optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """(graphdef, abstract state of ShapeDtypeStructs, shardings) without allocating anything."""
-  graphdef, params = sharding.abstract_model(experiment.model)
-  param_shardings = sharding.state_shardings(params, mesh, sharding.DEFAULT_RULES)
+  graphdef, params, param_shardings = experiment_lib.abstract_params(experiment.model, mesh)
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                      opt_state=jax.eval_shape(optimizer.init, params),
                      ema_params=params if config.train.ema_decay > 0 else None)
@@ -214,7 +90,8 @@ def abstract_state(experiment: Experiment, config: ml_collections.ConfigDict, me
   return graphdef, abstract(state, shardings), shardings
 
 
-def init_state(experiment: Experiment, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+def init_state(experiment: experiment_lib.Experiment, config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh,
                optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """(graphdef, a fresh train state created directly in its sharded layout, shardings)."""
   graphdef, _, shardings = abstract_state(experiment, config, mesh, optimizer)
@@ -245,23 +122,59 @@ def abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-class _StopRequest:
-  """Set by SIGTERM: the loop saves a checkpoint and returns."""
+# Why a run stops early, least urgent first: processes that disagree act on the most urgent reason.
+STOP_REASONS = (None, "time limit", "SIGTERM")
+# Steps between the processes' exchanges of their stop reasons (multi-process runs only).
+STOP_AGREEMENT_EVERY = 10
 
-  def __init__(self):
-    self.requested = False
+
+class _StopRequest:
+  """This process's reason to stop: SIGTERM (this object is the signal handler) or its time limit."""
+
+  def __init__(self, time_limit_minutes: float):
+    self.sigterm = False
+    self.deadline = time.perf_counter() + 60 * time_limit_minutes if time_limit_minutes > 0 else None
 
   def __call__(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self.sigterm = True
+
+  def local_reason(self) -> str | None:
+    if self.sigterm:
+      return "SIGTERM"
+    if self.deadline is not None and time.perf_counter() > self.deadline:
+      return "time limit"
+    return None
+
+
+def agreed_stop_reason(local_reason: str | None, step: int, process_count: int,
+                       gather: Callable[[np.ndarray], np.ndarray]) -> str | None:
+  """The reason to stop after `step` on which every process acts (None: carry on).
+
+  A single process acts on its own reason at once, without a sync. Several processes each see
+  their own signal and clock, so they stop only at steps that are multiples of
+  STOP_AGREEMENT_EVERY, after `gather` (every process's code, e.g. multihost_utils.process_allgather)
+  has shown them all the same codes: all stop, for the most urgent reason that any of them has.
+  """
+  if process_count == 1:
+    return local_reason
+  if step % STOP_AGREEMENT_EVERY:
+    return None
+  codes = gather(np.int32(STOP_REASONS.index(local_reason)))
+  return STOP_REASONS[int(np.max(codes))]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the experiment in `workdir`, then evaluates and samples.
+  """Trains (or resumes) the experiment in `workdir`, then evaluates.
+
+  Every evaluation, during training and at the end, is of `evaluated_params` (the EMA when
+  config.train.ema_decay > 0, else the raw parameters). SIGTERM or the time limit saves and stops;
+  after SIGTERM nothing is evaluated.
 
   Returns:
-    A summary: final step, held-out bits per token with its standard error, the generator's
-    exact bits per token on the same documents (embedded corpus), tokens/s and samples.
+    A summary: final step, which parameters were evaluated ('EMA' or 'raw'), held-out bits per
+    token with its standard error, the generator's exact bits per token on the same documents
+    (embedded corpus) and tokens/s; {'step', 'stopped': 'SIGTERM'} after SIGTERM.
   """
   config_lib.validate(config)
   sharding.init_distributed(config.multi_process)
@@ -272,15 +185,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   latest = checkpoint.latest_step(workdir)
   if latest is not None:
     saved = checkpoint.read_json_items(checkpoint.make_manager(workdir, read_only=True), latest)
-    checkpoint.check_identity(config_lib.saved_run_identity(saved["identity"]), identity, workdir)
+    checkpoint.check_identity(config_lib.saved_run_identity(saved["identity"], identity), identity, workdir)
+    saved_num_steps = saved["config"]["train"]["num_steps"]
+    if saved_num_steps != train_cfg.num_steps and jax.process_index() == 0:
+      print(f"config.train.num_steps is {train_cfg.num_steps}, the checkpoint's run had {saved_num_steps}: "
+            f"from step {latest} on, the learning rate follows the schedule of a {train_cfg.num_steps}-step run",
+            flush=True)
 
   data = datasets.load_data(config_lib.data_config(config), workdir)
   check_eval_rows(data, config)
   manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
   tokenizer = data.tokenizer
-  graph = build_neighbor_graph(config, data.train_rows, tokenizer.vocab_size, workdir)
-  experiment = make_experiment(config, tokenizer.vocab_size, graph)
-  optimizer = make_optimizer(train_cfg)
+  graph = experiment_lib.build_neighbor_graph(config, data.train_rows, tokenizer.vocab_size, workdir)
+  experiment = experiment_lib.make_experiment(config, tokenizer.vocab_size, graph)
+  optimizer = experiment_lib.make_optimizer(train_cfg)
   batches = batching.BatchIterator(data.train_rows, train_cfg.batch_size, seed=config.seed,
                                    process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -298,25 +216,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   key = jax.random.key(config.seed)
-  nelbo_fn = make_nelbo_fn(graphdef, experiment.process, mesh, config.eval.exact_time_sum,
-                           pairs=experiment.data.task != "lm")
+  nelbo_fn = experiment_lib.make_nelbo_fn(graphdef, experiment.process, mesh, config.eval.exact_time_sum,
+                                          pairs=experiment.data.task != "lm")
   evaluate_params = functools.partial(
       evaluate.held_out_elbo, nelbo_fn, data=data, num_samples=config.eval.elbo_samples,
       batch_size=config.eval.batch_size, max_rows=config.eval.max_docs, seed=config.seed,
-      batch_sharding=batch_sharding, exact=experiment.process.exact_likelihood)
+      batch_sharding=batch_sharding, exact=experiment.process.exact_likelihood,
+      exact_time_sum=config.eval.exact_time_sum)
+
+  params_name = "raw" if train_cfg.ema_decay == 0 else "EMA"
 
   def save(step):
     checkpoint.save(manager, step, state, batches.get_state(), identity, config.to_dict())
 
-  stop = _StopRequest()
+  stop = _StopRequest(train_cfg.time_limit_minutes)
   in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
   previous_handler = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
   writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   start_step = int(state.step)
   tokens_per_step = train_cfg.batch_size * experiment.data.seq_len
   tokens_per_second = 0.0
-  started = time.perf_counter()
-  window_start, window_step = started, start_step
+  window_start, window_step = time.perf_counter(), start_step
+  stop_reason = None
   progress = tqdm.tqdm(total=train_cfg.num_steps, initial=start_step, desc="train", unit="step",
                        disable=jax.process_index() != 0, dynamic_ncols=True)
   try:
@@ -325,8 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, metrics = step_fn(state, batch_BL, key)
       progress.update(1)
       done = step + 1
-      out_of_time = (train_cfg.time_limit_minutes > 0 and
-                     time.perf_counter() - started > 60 * train_cfg.time_limit_minutes)
+      stop_reason = agreed_stop_reason(stop.local_reason(), done, jax.process_count(),
+                                       multihost_utils.process_allgather)
       if done % train_cfg.log_every == 0 or done == train_cfg.num_steps:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
@@ -340,14 +261,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise FloatingPointError(f"training diverged at step {done}: {metrics}; the last good "
                                    f"checkpoint (step {manager.latest_step()}) is kept")
       if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
-        result = evaluate_params(state.params)
-        progress.write(f"step {done}: held-out {result.bits_per_token:.3f} ± {result.stderr:.3f} bits/token")
+        result = evaluate_params(evaluated_params(state))
+        progress.write(f"step {done}: held-out {result.bits_per_token:.3f} ± {result.stderr:.3f} bits/token "
+                       f"({params_name} parameters)")
         if writer:
           writer.add_scalar("eval/bits_per_token", result.bits_per_token, done)
-      if done % train_cfg.checkpoint_every == 0 or stop.requested or out_of_time:
+      if done % train_cfg.checkpoint_every == 0 or stop_reason:
         save(done)
-      if stop.requested or out_of_time:
-        progress.write(f"stopping at step {done} ({'SIGTERM' if stop.requested else 'time limit'})")
+      if stop_reason:
+        progress.write(f"stopping at step {done} ({stop_reason})")
         break
     final_step = int(state.step)
     if manager.latest_step() != final_step:
@@ -358,42 +280,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       signal.signal(signal.SIGTERM, previous_handler)
     if writer:
       writer.close()
-  if stop.requested:
-    return {"step": final_step, "stopped": "SIGTERM"}
+  if stop_reason == "SIGTERM":
+    return {"step": final_step, "stopped": stop_reason}
 
-  eval_params = state.params if state.ema_params is None else state.ema_params
-  result = evaluate_params(eval_params)
+  result = evaluate_params(evaluated_params(state))
   if jax.process_index() == 0:
-    print(result.describe(), flush=True)
+    print(f"{params_name} parameters, {result.describe()}", flush=True)
     if experiment.data.source == "embedded" and experiment.data.task == "lm":
       print(f"the generator's exact entropy: {corpus.default_corpus().entropy_bits():.2f} bits per document",
             flush=True)
-  summary = {"step": final_step, "tokens_per_second": tokens_per_second, **result.summary()}
+  summary = {"step": final_step, "tokens_per_second": tokens_per_second, "params": params_name,
+             **result.summary()}
   return summary
 
 
-def make_nelbo_fn(graphdef: nnx.GraphDef, process, mesh: jax.sharding.Mesh | None = None,
-                  exact_time_sum: bool = False, pairs: bool = False) -> evaluate.NelboFn:
-  """Jitted (params, rows_BL, key) -> NELBO nats_B of the network (the exact NLL for the
-  autoregressive baseline); of the targets given their sources for `pairs`.
-
-  Times are drawn independently per row (not stratified over the batch), so rows are independent
-  and `evaluate.elbo`'s standard error is valid. With `exact_time_sum` a discrete-time process
-  sums every step of its bound instead of drawing one. On a mesh the result is replicated, so
-  every process can read it.
-  """
-  if "antithetic_time" in {field.name for field in dataclasses.fields(process)}:
-    process = dataclasses.replace(process, antithetic_time=False)
-  if exact_time_sum and not hasattr(process, "nelbo_exact_time"):
-    raise ValueError(f"config.eval.exact_time_sum needs a discrete-time process, not {type(process).__name__}")
-  bound = process.nelbo_exact_time if exact_time_sum else process.nelbo
-  out_shardings = None if mesh is None else sharding.replicated(mesh)
-
-  def nelbo_fn(params, rows_BL, key):
-    source_BL, rows_BL = source_and_rows(rows_BL, pairs)
-    return bound(bind(graphdef, params), rows_BL, key, source_BL).nats_B
-
-  return jax.jit(nelbo_fn, out_shardings=out_shardings)
+def evaluated_params(state: TrainState) -> nnx.State:
+  """The parameters that every evaluation of a run reports, and that `load` returns by default:
+  the EMA when the run keeps one, else the raw parameters."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:

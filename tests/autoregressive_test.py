@@ -62,9 +62,9 @@ def test_inputs_are_the_targets_shifted_right_after_bos():
   np.testing.assert_array_equal(PROCESS.inputs(x0_BL), [[BOS_ID, 4, 5, 6], [BOS_ID, 7, 3, 0]])
 
 
-def test_x0_log_probs_normalise_over_the_targets_only():
+def test_next_token_log_probs_normalise_over_the_targets_only():
   logits_BLW = jax.random.normal(jax.random.key(0), (2, 3, WIDTH)) * 3.0
-  log_probs_BLV = PROCESS.x0_log_probs(logits_BLW)
+  log_probs_BLV = PROCESS.next_token_log_probs(logits_BLW)
   assert log_probs_BLV.shape == (2, 3, VOCAB)
   assert jnp.all(jnp.isneginf(log_probs_BLV[..., [BOS_ID, MASK_ID]]))
   np.testing.assert_allclose(jnp.exp(log_probs_BLV).sum(-1), 1.0, rtol=1e-6)
@@ -200,7 +200,7 @@ def test_top_k_decoding_draws_among_the_k_most_likely_continuations(network):
   fixed_tokens_BL, fixed_BL = prompts([0, 3, 7, 11])
   out_BL = decode_network(network, SAMPLED, fixed_tokens_BL, fixed_BL, jax.random.key(2))
   graphdef, params = network
-  forward = jax.jit(lambda params, x_BL: NET_PROCESS.x0_log_probs(nnx.merge(graphdef, params)(x_BL)))
+  forward = jax.jit(lambda params, x_BL: NET_PROCESS.next_token_log_probs(nnx.merge(graphdef, params)(x_BL)))
   log_probs_BLV = forward(params, NET_PROCESS.inputs(out_BL))
   drawn_BL = base.token_log_likelihood(log_probs_BLV, out_BL)
   rank_BL = np.asarray((log_probs_BLV > drawn_BL[..., None]).sum(-1))

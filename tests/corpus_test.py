@@ -69,6 +69,18 @@ def test_tiny_samples_follow_enumerated_probabilities():
   assert chi_square < dof + 6 * math.sqrt(2 * dof)
 
 
+def test_presence_prob_is_the_share_of_documents_mentioning_each_optional_attribute():
+  attributes = ("near", "price_range")
+  grammar = corpus.RestaurantCorpus(optional_attributes=attributes, presence_prob=0.8, tiny=True)
+  documents = list(grammar.enumerate_documents())
+  samples = grammar.sample(4000, seed=1)
+  for attribute in attributes:
+    mentioned = math.fsum(math.exp(d.log_prob) for d in documents if attribute in d.record)
+    assert abs(mentioned - 0.8) < 1e-9, attribute
+    share = np.mean([attribute in d.record for d in samples])
+    assert abs(share - 0.8) < 5 * math.sqrt(0.8 * 0.2 / len(samples)), attribute
+
+
 def test_sample_is_reproducible_and_depends_on_seed():
   grammar = corpus.default_corpus()
   first = grammar.sample(200, seed=3)
@@ -152,17 +164,20 @@ def test_split_seeds_are_distinct():
   seeds = {corpus.split_seed(split, seed) for split in ("train", "validation", "test")
            for seed in range(100)}
   assert len(seeds) == 300
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="split must be one of"):
     corpus.split_seed("dev")
+  with pytest.raises(ValueError, match="seed must be non-negative"):
+    corpus.split_seed("train", -1)
 
 
-@pytest.mark.parametrize("settings", [
-    {"optional_attributes": ("near", "colour")},
-    {"optional_attributes": ("near", "near")},
-    {"presence_prob": 1.0},
+@pytest.mark.parametrize("settings, setting", [
+    ({"optional_attributes": ("near", "colour")}, "optional_attributes"),
+    ({"optional_attributes": ("near", "near")}, "optional_attributes"),
+    ({"presence_prob": 1.0}, "presence_prob"),
+    ({"presence_prob": 0.0}, "presence_prob"),
 ])
-def test_invalid_settings_raise(settings):
-  with pytest.raises(ValueError):
+def test_invalid_settings_raise_naming_the_setting(settings, setting):
+  with pytest.raises(ValueError, match=setting):
     corpus.RestaurantCorpus(**settings)
 
 

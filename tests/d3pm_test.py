@@ -153,6 +153,31 @@ def random_model(seed=0, vocab=V, width=V + 2):
   return model_fn
 
 
+DISCRETE_PROCESSES = (
+    [masked.MaskedDiffusion(V, MASK_ID, schedules.Schedule(kind)) for kind in schedules.SCHEDULES]
+    + [uniform.UniformDiffusion(V, schedules.Schedule(kind)) for kind in schedules.SCHEDULES]
+    + [make_process(transition, kind=kind) for transition in d3pm.TRANSITIONS for kind in schedules.SCHEDULES])
+
+
+@pytest.mark.parametrize("process", DISCRETE_PROCESSES, ids=lambda process: "-".join(
+    [type(process).__name__] + ([process.transition] if isinstance(process, d3pm.D3PM) else [])
+    + [process.schedule.kind]))
+def test_nelbo_loss_and_its_gradient_run_under_jit(process):
+  """Every discrete family under every schedule it accepts: the bound, the loss and the loss's
+  gradient trace under jax.jit (static numbers of the process stay Python numbers) and are finite."""
+  x0_BL = jax.random.randint(jax.random.key(0), (4, 5), 1, V)
+  table_VW = jax.random.normal(jax.random.key(1), (V, V + 2))
+  model = lambda table_VW: lambda xt_BL, t_B: table_VW[xt_BL] * (1.0 + t_B[:, None, None])
+
+  def bound_loss_and_gradient(table_VW, key):
+    loss_fn = lambda table_VW: process.loss(model(table_VW), x0_BL, key)[0]
+    return (process.nelbo(model(table_VW), x0_BL, key).nats_B,) + jax.value_and_grad(loss_fn)(table_VW)
+
+  nats_B, loss, gradient_VW = run(bound_loss_and_gradient, table_VW, jax.random.key(2))
+  assert np.isfinite(nats_B).all() and np.isfinite(loss) and np.isfinite(gradient_VW).all()
+  assert np.abs(gradient_VW).max() > 0
+
+
 @pytest.mark.parametrize("transition", d3pm.TRANSITIONS)
 def test_bound_terms_prompt_and_hybrid_loss(transition):
   process = make_process(transition, num_steps=4, hybrid_coeff=0.5)
@@ -185,11 +210,61 @@ def test_bound_terms_prompt_and_hybrid_loss(transition):
   assert bool((noisy_BL[prompt_BL] == x0_BL[prompt_BL]).all()) and bool((noisy_BL != x0_BL).any())
   np.testing.assert_array_equal(estimate.num_tokens_B, (~prompt_BL).sum(1))
   np.testing.assert_array_equal(estimate.nats_B[14:], 0.0)
-  # The hybrid loss: bound per position + hybrid_coeff * cross-entropy, with finite gradients (also
-  # where a prompt token is clean at t = T, a state q never reaches).
-  assert set(metrics) >= {"loss", "vlb", "ce"}
-  np.testing.assert_allclose(total, metrics["vlb"] + 0.5 * metrics["ce"], rtol=1e-6)
+  # The hybrid loss: one step's term per position + hybrid_coeff * cross-entropy, with finite
+  # gradients (also where a prompt token is clean at t = T, a state q never reaches).
+  assert set(metrics) >= {"loss", "vlb", "step_kl", "ce"}
+  np.testing.assert_allclose(total, metrics["step_kl"] + 0.5 * metrics["ce"], rtol=1e-6)
   assert metrics["vlb"] > 0 and metrics["ce"] > 0 and np.isfinite(grad) and grad != 0
+
+
+@pytest.mark.parametrize("transition", d3pm.TRANSITIONS)
+def test_hybrid_loss_trains_one_step_term_plus_lambda_ce(transition):
+  """The gradient of `loss` is that of sum (L_{t-1} + lambda CE) / (scored positions), D3PM's hybrid
+  loss at the drawn (t, x_t), with L_{t-1} and CE rebuilt here from the posterior, the reverse model
+  and the denoiser; the T-weighted sum and the prior belong to `nelbo` only."""
+  hybrid_coeff, num_steps = 2.0, 4
+  process = make_process(transition, num_steps=num_steps, hybrid_coeff=hybrid_coeff)
+  x0_BL = jnp.tile(jnp.array([[1, 2, 5, 3, 4]]), (8, 1))
+  prompt_BL = jnp.arange(5)[None, :] < jnp.arange(8)[:, None] % 3
+  model = lambda table_VW: lambda xt_BL, t_B: table_VW[xt_BL] * (1.0 + t_B[:, None, None])
+  table_VW = jax.random.normal(jax.random.key(1), (V, V + 2))
+  key = jax.random.key(2)
+
+  def drawn_model_inputs():
+    """The (x_t, t) that loss draws with this key."""
+    seen = {}
+
+    def recording_model(xt_BL, t_B):
+      seen.update(xt_BL=xt_BL, t_B=t_B)
+      return model(table_VW)(xt_BL, t_B)
+
+    process.loss(recording_model, x0_BL, key, prompt_BL)
+    return seen["xt_BL"], seen["t_B"]
+
+  xt_BL, t_B = run(drawn_model_inputs)
+  steps_B = jnp.round(t_B * num_steps).astype(jnp.int32)
+  assert set(np.asarray(steps_B).tolist()) == {1, 2, 3, 4}
+
+  def reference(table_VW):
+    logits_BLW = model(table_VW)(xt_BL, t_B)
+    ce_BL = -base.token_log_likelihood(process.denoiser_log_probs(logits_BLW, xt_BL, t_B), x0_BL)
+    kl_steps_B = jnp.maximum(steps_B, 2)  # L_0 = CE at t = 1; the KL there is dropped
+    x_theta_BLV = process.x_theta_log_probs(logits_BLW)
+    kl_BL = d3pm.kl_divergence(process.posterior_log_probs(xt_BL, x0_BL, kl_steps_B, kl_steps_B - 1),
+                               process.reverse_log_probs(xt_BL, x_theta_BLV, kl_steps_B, kl_steps_B - 1))
+    step_term_BL = jnp.where((steps_B == 1)[:, None], ce_BL, kl_BL)
+    return jnp.where(prompt_BL, 0.0, step_term_BL + hybrid_coeff * ce_BL).sum() / (~prompt_BL).sum()
+
+  loss_fn = lambda table_VW: process.loss(model(table_VW), x0_BL, key, prompt_BL)
+  (total, metrics), gradient_VW = run(jax.value_and_grad(loss_fn, has_aux=True), table_VW)
+  expected, expected_gradient_VW = run(jax.value_and_grad(reference), table_VW)
+  np.testing.assert_allclose(total, expected, rtol=1e-5)
+  np.testing.assert_allclose(gradient_VW, expected_gradient_VW, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(total, metrics["step_kl"] + hybrid_coeff * metrics["ce"], rtol=1e-6)
+  assert hybrid_coeff * metrics["ce"] > 0.2 * total  # the CE share matters
+  # vlb reports the one-step bound of `nelbo` at the same draw.
+  estimate = run(lambda: process.nelbo(model(table_VW), x0_BL, key, prompt_BL, t_B=t_B))
+  np.testing.assert_allclose(metrics["vlb"], estimate.nats_B.sum() / estimate.num_tokens_B.sum(), rtol=1e-5)
 
 
 def confident_model(x0_1L):
@@ -237,7 +312,7 @@ def test_absorbing_reverse_step_reveals_like_the_masked_process():
   for kind in ("linear", "cosine"):
     process = make_process("absorbing", num_steps=20, kind=kind)
     reference = masked.MaskedDiffusion(V, MASK_ID, schedules.Schedule(kind))
-    x0_log_probs_1V = process.x0_log_probs(random_model()(jnp.full((1, 1), MASK_ID), jnp.ones(1)))[0]
+    x0_log_probs_1V = process.x_theta_log_probs(random_model()(jnp.full((1, 1), MASK_ID), jnp.ones(1)))[0]
     masked_N1 = jnp.full((len(t_N), 1), MASK_ID)
     log_probs_NV = run(lambda: process.reverse_log_probs(masked_N1, x0_log_probs_1V[None], t_N, s_N)[:, 0])
     reveal_N = 1 - np.exp(log_probs_NV[:, MASK_ID])
@@ -275,14 +350,15 @@ def test_reverse_step_skips_merged_steps_and_ends_with_an_x0_draw():
   canvas_BL = jnp.array([[1, 2, 3, 4, 5]])
   certain_BLW = 1e4 * jax.nn.one_hot(jnp.array([[5, 4, 3, 2, 1]]), V + 2)
   random_BLW = random_model()(canvas_BL, jnp.full((1,), 0.25))
-  u_BL = jax.random.uniform(jax.random.key(0), (1, 5))
-  greedy = base.TokenDraw(temperature=0.0)
+  keys_B = jax.random.split(jax.random.key(0), 1)
+  canvas = base.Canvas(canvas_BL, jnp.zeros((1, 5), bool))
+  sampled, greedy = base.StepSettings(), base.StepSettings(base.TokenDraw(temperature=0.0))
 
   def steps():
-    return (process.reverse_step(canvas_BL, random_BLW, 1.0, 0.9, u_BL, u_BL, base.TokenDraw()),  # 4 -> 4
-            process.reverse_step(canvas_BL, certain_BLW, 0.25, 0.0, u_BL, u_BL, base.TokenDraw()),
-            process.reverse_step(canvas_BL, random_BLW, 0.25, 0.0, u_BL, u_BL, greedy),
-            process.denoiser_log_probs(canvas_BL, process.x0_log_probs(random_BLW), jnp.ones(1, jnp.int32)))
+    return (process.reverse_step(canvas, random_BLW, 1.0, 0.9, keys_B, sampled).tokens_BL,  # 4 -> 4
+            process.reverse_step(canvas, certain_BLW, 0.25, 0.0, keys_B, sampled).tokens_BL,
+            process.reverse_step(canvas, random_BLW, 0.25, 0.0, keys_B, greedy).tokens_BL,
+            process.denoiser_log_probs(random_BLW, canvas_BL, 0.25))
 
   unchanged_BL, certain_x0_BL, greedy_x0_BL, denoiser_BLV = run(steps)
   np.testing.assert_array_equal(unchanged_BL, canvas_BL)

@@ -1,4 +1,8 @@
 """The held-out ELBO estimator against a known answer: a perfect denoiser on a tiny distribution."""
+import dataclasses
+import functools
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -71,23 +75,75 @@ def test_sample_quality_judges_with_the_ar_model_and_the_generator():
   assert quality.generative_perplexity == 8.0
   np.testing.assert_allclose(quality.well_formed_fraction, 1 / 3)
   np.testing.assert_allclose(quality.generator_bits_per_document, -document.log_prob / np.log(2), rtol=1e-9)
-  assert quality.unigram_entropy_bits > 0
+  assert quality.unigram_entropy_bits == evaluate.unigram_entropy_bits([text.split() for text in texts])
   assert set(quality.summary()) >= {"generative_perplexity", "unigram_entropy_bits", "well_formed_fraction"}
 
 
-def test_an_exact_likelihood_is_scored_in_one_pass():
+def _row_sum_nats(params, rows_BL, key):
+  """A stand-in NLL: each row's nats are the sum of its ids."""
+  del params, key
+  return np.asarray(rows_BL, np.float32).sum(-1)
+
+
+def test_an_exact_likelihood_is_scored_in_one_pass_and_called_an_nll():
   calls = []
 
   def nll_fn(params, rows_BL, key):
-    del params, key
     calls.append(1)
-    return np.asarray(rows_BL, np.float32).sum(-1)
+    return _row_sum_nats(params, rows_BL, key)
 
   rows_NL = np.array([[1, 2], [3, 4]])
   result = evaluate.elbo(nll_fn, None, rows_NL, np.array([2, 2]), num_samples=8, batch_size=2, seed=0, exact=True)
   assert len(calls) == 1 and result.num_samples == 1 and result.stderr == 0.0
   np.testing.assert_allclose(result.bits_per_sequence, [3 / np.log(2), 7 / np.log(2)], rtol=1e-6)
-  assert "exact NLL" in result.describe()
+  np.testing.assert_allclose(result.bits_per_token, 10 / np.log(2) / 4, rtol=1e-6)
+  result = dataclasses.replace(result, reference_bits_per_token=1.0, reference_bits_per_document=2.0)
+  text = result.describe()
+  assert text.startswith("held-out exact NLL: ") and "per document: NLL " in text
+  assert "NELBO" not in text and "draws" not in text
+  summary = result.summary()
+  assert summary["estimate"] == "exact NLL" and "elbo_samples" not in summary
+
+
+def test_the_labels_say_how_a_bound_was_estimated():
+  rows_NL, num_tokens_N = np.array([[1, 2], [3, 4]]), np.array([2, 2])
+  score = functools.partial(evaluate.elbo, _row_sum_nats, None, rows_NL, num_tokens_N, num_samples=3,
+                            batch_size=2, seed=0)
+  drawn, summed = score(), score(exact_time_sum=True)
+  assert "draws of t each" in drawn.describe() and drawn.summary()["estimate"] == "NELBO, Monte Carlo over t"
+  text = summed.describe()
+  assert text.startswith("held-out NELBO, every step of the bound summed: ")
+  assert "3 draws of x_t at each step" in text and "draws of t" not in text
+  assert summed.summary()["estimate"] == "NELBO, every step summed"
+  for result in (drawn, summed):
+    with_reference = dataclasses.replace(result, reference_bits_per_token=1.0, reference_bits_per_document=2.0)
+    assert "per document: NELBO " in with_reference.describe()
+    assert result.summary()["elbo_samples"] == 3
+  with pytest.raises(ValueError, match="exact_time_sum"):
+    score(exact=True, exact_time_sum=True)
+
+
+def test_held_out_elbo_scores_only_the_documents_the_generator_scored_whole():
+  rows_NL = np.array([[1, 2, 0], [3, 4, 5], [6, 0, 0], [7, 8, 0]])
+  data = types.SimpleNamespace(eval_rows=rows_NL, eval_num_tokens=np.array([2, 3, 1, 2]),
+                               eval_num_chars=np.array([10, 15, 5, 9]),
+                               eval_log_probs=np.array([-2.0, np.nan, -4.0, -8.0]))
+  result = evaluate.held_out_elbo(_row_sum_nats, None, data, num_samples=2, batch_size=2, max_rows=3, seed=0)
+  # Row 1 was cut short (NaN) and row 3 is past max_rows: rows 0 and 2 remain, 3 tokens, 15 characters.
+  assert (result.num_sequences, result.num_tokens, result.num_chars) == (2, 3, 15)
+  np.testing.assert_allclose(result.bits_per_sequence, np.array([3, 6]) / np.log(2), rtol=1e-6)
+  np.testing.assert_allclose(result.bits_per_token, 9 / np.log(2) / 3, rtol=1e-6)
+  np.testing.assert_allclose(result.bits_per_char, 9 / np.log(2) / 15, rtol=1e-6)
+  np.testing.assert_allclose(result.reference_bits_per_token, 6 / np.log(2) / 3)
+  np.testing.assert_allclose(result.reference_bits_per_document, 3 / np.log(2))
+  # Off the embedded corpus there is no reference and every row up to max_rows counts (3 rows in
+  # batches of 2: the padding row of the last batch is dropped).
+  data.eval_log_probs = None
+  result = evaluate.held_out_elbo(_row_sum_nats, None, data, num_samples=2, batch_size=2, max_rows=3, seed=0,
+                                  exact_time_sum=True)
+  assert (result.num_sequences, result.num_tokens, result.num_chars) == (3, 6, 30)
+  np.testing.assert_allclose(result.bits_per_sequence, np.array([3, 12, 6]) / np.log(2), rtol=1e-6)
+  assert result.reference_bits_per_token is None and result.exact_time_sum
 
 
 def test_bleu_is_100_for_identical_texts_and_0_for_disjoint_ones():

@@ -1,4 +1,6 @@
-"""Classifier-free and classifier guidance: the mixing rule, the sampler paths, conditioning dropout."""
+"""Classifier-free and classifier guidance: the mixing rule, the sampler paths, a pure import."""
+import os
+import subprocess
 import sys
 
 import jax
@@ -6,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddlm_jax import control
 from ddlm_jax import guidance
 from ddlm_jax import samplers
 from ddlm_jax import schedules
-from ddlm_jax import train
-from ddlm_jax.data import tokenizers
 from ddlm_jax.networks import classifier
 from ddlm_jax.processes import gaussian
 from ddlm_jax.processes import masked
@@ -139,19 +140,6 @@ def test_guidance_never_moves_fixed_positions():
   assert not np.allclose(guided_BLD[:, ::2], mean_BLD[:, ::2])
 
 
-def test_condition_dropout_replaces_only_sources_and_keeps_the_layout():
-  eos, pad = tokenizers.EOS_ID, tokenizers.PAD_ID
-  rows_BL = jnp.array([[7, 8, eos, 9, 10, eos, pad]] * 64, jnp.int32)
-  source_BL, dropped_BL = train.source_and_rows(rows_BL, True, 0.5, jax.random.key(6))
-  np.testing.assert_array_equal(source_BL[0], [True, True, True, False, False, False, False])
-  was_dropped_B = np.asarray(dropped_BL[:, 0] == pad)
-  assert 10 < was_dropped_B.sum() < 54  # about half of 64 rows
-  np.testing.assert_array_equal(dropped_BL[was_dropped_B, :2], pad)
-  np.testing.assert_array_equal(dropped_BL[:, 2:], rows_BL[:, 2:])  # [EOS] and targets untouched
-  np.testing.assert_array_equal(dropped_BL[~was_dropped_B], rows_BL[~was_dropped_B])
-  assert train.source_and_rows(rows_BL, False)[0] is None
-
-
 def test_classifier_learns_noisy_attributes():
   """Two attributes of uniform rows, the position-0 word mod 2 and the position-1 word mod 3 (unknown
   in a quarter of the rows), read from z_t: far above chance at small t, near it at t = 1."""
@@ -160,13 +148,22 @@ def test_classifier_learns_noisy_attributes():
   labels_NA = np.stack([rows_NL[:, 0] % 2, np.where(rows_NL[:, 2] % 4 == 0, -1, rows_NL[:, 1] % 3)], axis=1)
   config = classifier.ClassifierConfig(vocab_size=V, num_classes=(2, 3), max_len=4, num_layers=1, embed_dim=32,
                                        mlp_dim=64)
-  graphdef, params = guidance.train_classifier(process, table_VD, rows_NL, labels_NA, config, num_steps=150,
-                                               batch_size=64, learning_rate=3e-3)
-  accuracy = {t: guidance.classifier_accuracy(graphdef, params, process, table_VD, rows_NL, labels_NA, t)
+  graphdef, params = control.train_classifier(process, table_VD, rows_NL, labels_NA, config, num_steps=150,
+                                              batch_size=64, learning_rate=3e-3)
+  accuracy = {t: control.classifier_accuracy(graphdef, params, process, table_VD, rows_NL, labels_NA, t)
               for t in (0.05, 1.0)}
-  log_prob_fn = guidance.attribute_log_prob_fn(graphdef, params, process, table_VD, {0: 1})
+  log_prob_fn = control.attribute_log_prob_fn(graphdef, params, process, table_VD, {0: 1})
   z_NLD = process.corrupt(process.table(table_VD)[rows_NL], jnp.full((512,), 0.05), jax.random.key(7))
   predicted_one = np.asarray(log_prob_fn(z_NLD, jnp.full((512,), 0.05))) > np.log(0.5)
   assert (predicted_one == (labels_NA[:, 0] == 1)).mean() > 0.8  # the guidance target agrees
   print(f"classifier accuracy per attribute by t: {accuracy}")
   assert (accuracy[0.05] > [0.8, 0.6]).all() and (accuracy[1.0] < [0.65, 0.45]).all()
+
+
+def test_sampling_imports_no_optimiser_or_network():
+  """Guidance and the sampler are pure maths: importing them pulls in neither optax nor a network."""
+  code = ("import sys, ddlm_jax.guidance, ddlm_jax.samplers; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optax' or m.startswith('ddlm_jax.networks')))")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  imported = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+  assert imported.stdout.strip() == "[]", imported.stdout

@@ -94,7 +94,8 @@ def test_loglinear_prior_term_and_prior_draw_agree():
   process = masked.MaskedDiffusion(vocab_size=9, mask_id=4, schedule=schedules.Schedule("loglinear", eps=0.2))
   np.testing.assert_allclose(process.prior_nats_per_token(), 0.2 * np.log(8), rtol=1e-6)
   fixed_BL = jnp.zeros((200, 100), bool)
-  canvas_BL = process.initial_canvas(jnp.zeros((200, 100), jnp.int32), fixed_BL, jax.random.key(2))
+  canvas_BL = process.initial_state(None, jnp.zeros((200, 100), jnp.int32), fixed_BL,
+                                    jax.random.split(jax.random.key(2), 200)).tokens_BL
   clean = np.asarray(canvas_BL != 4)
   assert abs(clean.mean() - 0.2) < 5 * np.sqrt(0.2 * 0.8 / clean.size)
   counts = np.bincount(np.asarray(canvas_BL)[clean], minlength=9)

@@ -99,6 +99,15 @@ def test_decode_reads_special_tokens(kind, mask_text, embedded_tokenizers):
     tokenizer.decode([tokenizer.vocab_size])
 
 
+def test_decode_shows_control_characters_but_newline_and_tab_as_replacement_characters(embedded_tokenizers):
+  """Byte-fallback tokens may hold control characters; a decoded sample never carries them raw."""
+  sentencepiece = embedded_tokenizers["sentencepiece"]
+  text = "a\x07\x1bb\n\tc\r\x7f\x85"
+  assert sentencepiece.decode(sentencepiece.encode(text)) == "a\ufffd\ufffdb\n\tc\ufffd\ufffd\ufffd"
+  char = tokenizers.CharTokenizer("a\x00\n")
+  assert char.decode(char.encode("\x00a\n")) == "\ufffda\n"
+
+
 def test_char_tokenizer_rejects_unknown_characters_by_name():
   tokenizer = tokenizers.CharTokenizer.train(["abc"])
   assert tokenizer.vocab_size == 4 + 3

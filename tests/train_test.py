@@ -1,4 +1,5 @@
 """End to end on a tiny config: training, resuming, sharding, checkpoints, the pipeline API."""
+import functools
 import json
 import os
 import signal
@@ -15,11 +16,15 @@ import pytest
 import ddlm_jax
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
+from ddlm_jax import experiment as experiment_lib
+from ddlm_jax import schedules
 from ddlm_jax import sharding
 from ddlm_jax import train
 from ddlm_jax.data import batching
 from ddlm_jax.data import datasets
 from ddlm_jax.data import tokenizers
+from ddlm_jax.processes import d3pm
+from ddlm_jax.processes import gaussian
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,7 +33,7 @@ from experiments import mdlm_tiny  # pylint: disable=g-import-not-at-top
 
 def tiny_config(**train_overrides):
   config = mdlm_tiny.get_config()
-  config.train.update(num_steps=20, checkpoint_every=10, **train_overrides)
+  config.train.update({"num_steps": 20, "checkpoint_every": 10, **train_overrides})
   return config
 
 
@@ -48,9 +53,9 @@ def states_of(workdir):
   config = tiny_config()
   manager = checkpoint.make_manager(workdir, read_only=True)
   tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
-  experiment = train.make_experiment(config, tokenizer.vocab_size)
+  experiment = experiment_lib.make_experiment(config, tokenizer.vocab_size)
   mesh = sharding.make_mesh(sharding.MeshConfig())
-  _, abstract_state, _ = train.abstract_state(experiment, config, mesh, train.make_optimizer(config.train))
+  _, abstract_state, _ = train.abstract_state(experiment, config, mesh, experiment_lib.make_optimizer(config.train))
   return jax.device_get(checkpoint.restore_state(manager, manager.latest_step(), abstract_state))
 
 
@@ -69,13 +74,13 @@ def test_held_out_elbo_is_a_bound_on_the_generator_nll(trained_workdir):
 def test_loss_falls_within_a_few_dozen_steps(tmp_path):
   config = tiny_config()
   data = datasets.load_data(config_lib.data_config(config), str(tmp_path))
-  experiment = train.make_experiment(config, data.tokenizer.vocab_size)
+  experiment = experiment_lib.make_experiment(config, data.tokenizer.vocab_size)
   mesh = one_device_mesh()
-  optimizer = train.make_optimizer(config.train)
+  optimizer = experiment_lib.make_optimizer(config.train)
   graphdef, state, _ = train.init_state(experiment, config, mesh, optimizer)
   step_fn = jax.jit(lambda s, b, k: train.train_step(s, b, k, graphdef=graphdef, optimizer=optimizer,
                                                      process=experiment.process, ema_decay=0.0))
-  nelbo_fn = train.make_nelbo_fn(graphdef, experiment.process)
+  nelbo_fn = experiment_lib.make_nelbo_fn(graphdef, experiment.process)
   eval_rows = jnp.asarray(data.eval_rows[:32])
   held_out = lambda params: float(nelbo_fn(params, eval_rows, jax.random.key(9)).mean())
   before = held_out(state.params)
@@ -132,8 +137,8 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
 def test_train_steps_are_the_same_on_every_mesh(tmp_path, mesh_shape):
   config = tiny_config(warmup_steps=1)  # the first step has learning rate 0, the second does not
   data = datasets.load_data(config_lib.data_config(config), str(tmp_path))
-  experiment = train.make_experiment(config, data.tokenizer.vocab_size)
-  optimizer = train.make_optimizer(config.train)
+  experiment = experiment_lib.make_experiment(config, data.tokenizer.vocab_size)
+  optimizer = experiment_lib.make_optimizer(config.train)
   batches = [data.train_rows[:16], data.train_rows[16:32]]
 
   def run(mesh, state=None):
@@ -238,8 +243,9 @@ def test_launcher_rejects_an_unknown_override(tmp_path):
       [sys.executable, "-m", "ddlm_jax.main", "--config=experiments/mdlm_tiny.py",
        f"--workdir={tmp_path}", "--config.model.num_layerz=2"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0
-  assert "num_layerz" in result.stderr
+  assert result.returncode == 1
+  assert result.stderr.count("\n") <= 2 and "num_layerz" in result.stderr, result.stderr
+  assert 'Did you mean "num_layers"' in result.stderr
   assert not os.listdir(tmp_path)
 
 
@@ -249,11 +255,28 @@ def test_launcher_rejects_an_unknown_override(tmp_path):
     ("eval.elbo_samples", 1, "elbo_samples"),
     ("train.batch_size", 12, "does not split"),
     ("data.source", "web", "config.data"),
+    ("data.vocab_size", 5, "vocab_size must be at least 262"),
+    ("data.seed", -1, "seed"),
+    ("seed", -1, r"config.seed must be a finite number in \[0, inf\)"),
+    ("train.grad_clip_norm", -1.0, r"config.train.grad_clip_norm must be a finite number in \(0, inf\)"),
+    ("train.grad_clip_norm", 0.0, "config.train.grad_clip_norm"),
+    ("train.learning_rate", -1.0, "config.train.learning_rate"),
+    ("train.learning_rate", float("nan"), "config.train.learning_rate"),
+    ("train.learning_rate", float("inf"), "config.train.learning_rate"),
+    ("train.warmup_steps", -3, "config.train.warmup_steps"),
+    ("train.time_limit_minutes", -1.0, "config.train.time_limit_minutes"),
+    ("train.min_learning_rate_ratio", 1.5, r"config.train.min_learning_rate_ratio must be a finite number in \[0, 1\]"),
+    ("train.weight_decay", -0.1, "config.train.weight_decay"),
+    ("train.b1", 1.0, r"config.train.b1 must be a finite number in \[0, 1\)"),
+    ("train.b2", -0.5, "config.train.b2"),
+    ("train.ema_decay", float("nan"), "config.train.ema_decay"),
+    ("train.log_every", 0, "config.train.log_every"),
+    ("eval.max_docs", 0, "config.eval.max_docs"),
 ])
 def test_impossible_values_fail_before_anything_is_written(tmp_path, key, value, message):
   config = tiny_config()
-  group, name = key.split(".")
-  config[group][name] = value
+  *groups, name = key.split(".")
+  (config[groups[0]] if groups else config)[name] = value
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(workdir))
@@ -290,3 +313,220 @@ def test_sigkilled_launcher_resumes_with_the_same_command(tmp_path):
   assert f"Resumed from step {killed_at}" in result.stdout
   with open(os.path.join(workdir, "train_summary.json")) as f:
     assert json.load(f)["step"] == 60
+
+
+# Every process and schedule the config accepts, through the jitted train step and bound.
+PROCESS_SETTINGS = (
+    [dict(name=name, schedule=kind) for name in ("masked", "uniform") for kind in schedules.SCHEDULES]
+    + [dict(name="d3pm", transition=transition, schedule=kind, num_steps=10)
+       for transition in d3pm.TRANSITIONS for kind in schedules.SCHEDULES]
+    + [dict(name="gaussian", schedule=kind, num_steps=10) for kind in gaussian.NOISE_KINDS]
+    + [dict(name="autoregressive")])
+TINY_VOCAB_SIZE = len(tokenizers.SPECIAL_TOKENS) + 8
+_FRESH_STATES = {}  # (network settings, EMA decay) -> (graphdef, state): processes that share a network share it
+
+
+def tiny_model_run(process: dict, ema_decay: float = 0.0):
+  """(experiment, graphdef, fresh state, jitted train step, rows_BL) of a one-layer network over
+  seq_len 16 trained by `process` (settings of config.process)."""
+  config = config_lib.base_config()
+  config.process.update(**process)
+  config.data.seq_len = 16
+  config.model.update(num_layers=1, num_heads=1, embed_dim=16, mlp_dim=16,
+                      time_conditioning=process["name"] == "gaussian")
+  config.train.update(ema_decay=ema_decay, warmup_steps=0)
+  config_lib.validate(config)
+  rows_BL = jax.random.randint(jax.random.key(0), (4, 16), len(tokenizers.SPECIAL_TOKENS), TINY_VOCAB_SIZE)
+  graph_settings = experiment_lib.neighbor_graph_settings(config.process)
+  graph = graph_settings.build(np.asarray(rows_BL), TINY_VOCAB_SIZE) if graph_settings else None
+  experiment = experiment_lib.make_experiment(config, TINY_VOCAB_SIZE, graph)
+  optimizer = experiment_lib.make_optimizer(config.train)
+  if (experiment.model, ema_decay) not in _FRESH_STATES:
+    _FRESH_STATES[experiment.model, ema_decay] = train.init_state(experiment, config, one_device_mesh(), optimizer)[:2]
+  graphdef, state = _FRESH_STATES[experiment.model, ema_decay]
+  step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, optimizer=optimizer,
+                                      process=experiment.process, ema_decay=ema_decay))
+  return experiment, graphdef, state, step_fn, rows_BL
+
+
+@pytest.mark.parametrize("process", PROCESS_SETTINGS, ids=lambda p: "-".join(map(str, p.values())))
+def test_every_process_and_schedule_trains_and_bounds_under_jit(process):
+  experiment, graphdef, state, step_fn, rows_BL = tiny_model_run(process)
+  for _ in range(2):
+    state, metrics = step_fn(state, rows_BL, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"])), metrics
+  nats_B = experiment_lib.make_nelbo_fn(graphdef, experiment.process)(state.params, rows_BL, jax.random.key(2))
+  assert nats_B.shape == (4,) and np.isfinite(np.asarray(nats_B)).all(), nats_B
+
+
+def test_ema_decay_warms_up():
+  decays = train.warmed_up_ema_decay(jnp.array([0, 80, 890, 10**6]), 0.9999)
+  np.testing.assert_allclose(decays, [0.1, 0.9, 0.99, 0.9999], rtol=1e-6)
+  assert float(train.warmed_up_ema_decay(jnp.array(10**6), 0.5)) == 0.5
+
+
+def test_first_ema_update_follows_the_new_parameters():
+  _, _, initial, step_fn, rows_BL = tiny_model_run(dict(name="masked"), ema_decay=0.9999)
+  initial = jax.device_get(initial)
+  state, _ = step_fn(initial, rows_BL, jax.random.key(1))
+  expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, initial.ema_params, jax.device_get(state.params))
+  assert_trees_close(state.ema_params, expected, atol=1e-6)
+
+
+def test_ema_run_evaluates_and_loads_the_ema(tmp_path, capsys):
+  workdir = str(tmp_path)
+  summary = train.train_and_evaluate(tiny_config(ema_decay=0.99, num_steps=10, eval_every=5), workdir)
+  assert summary["params"] == "EMA"
+  printed = capsys.readouterr()
+  assert "(EMA parameters)" in printed.out.split("step 5: held-out")[1].splitlines()[0]
+  assert "EMA parameters, held-out NELBO" in printed.out
+  ema, raw = ddlm_jax.load(workdir).params, ddlm_jax.load(workdir, use_ema=False).params
+  gaps = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw))]
+  assert max(gaps) > 1e-6  # two different sets of parameters, and the EMA is the default
+
+
+def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  real_step = train.train_step
+
+  def diverging_step(state, batch_BL, key, **settings):  # parameters turn NaN after step 12
+    state, metrics = real_step(state, batch_BL, key, **settings)
+    poison = jnp.where(state.step > 12, jnp.nan, 1.0)
+    return state.replace(params=jax.tree.map(lambda p: p * poison, state.params)), metrics
+
+  monkeypatch.setattr(train, "train_step", diverging_step)
+  workdir = str(tmp_path)
+  with pytest.raises(FloatingPointError, match="diverged at step 20.*step 10"):
+    train.train_and_evaluate(tiny_config(), workdir)
+  manager = checkpoint.make_manager(workdir, read_only=True)
+  assert manager.all_steps() == [10]
+  assert checkpoint.all_finite(states_of(workdir))
+
+
+def test_checkpoint_save_refuses_a_non_finite_state(tmp_path):
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, 1, {"w": jnp.ones(3)}, {}, {}, {})
+  with pytest.raises(FloatingPointError, match=r"step 2 holds NaN or Inf.*step 1"):
+    checkpoint.save(manager, 2, {"w": jnp.array([1.0, jnp.inf, 0.0])}, {}, {}, {})
+  assert manager.all_steps() == [1]
+
+
+def test_processes_stop_together_for_the_most_urgent_reason():
+  def no_gather(codes):
+    raise AssertionError("a single process must not sync")
+
+  assert train.agreed_stop_reason("SIGTERM", 3, 1, no_gather) == "SIGTERM"
+  assert train.agreed_stop_reason(None, 3, 1, no_gather) is None
+  assert train.agreed_stop_reason("time limit", 3, 4, no_gather) is None  # not an agreement step
+  every = train.STOP_AGREEMENT_EVERY
+  others = lambda *codes: lambda local: np.array([local, *codes], np.int32)
+  assert train.agreed_stop_reason(None, every, 3, others(0, 2)) == "SIGTERM"
+  assert train.agreed_stop_reason("time limit", 2 * every, 3, others(0, 2)) == "SIGTERM"
+  assert train.agreed_stop_reason(None, every, 3, others(1, 0)) == "time limit"
+  assert train.agreed_stop_reason(None, every, 3, others(0, 0)) is None
+
+
+def test_stop_request_reports_sigterm_before_the_time_limit():
+  unlimited = train._StopRequest(time_limit_minutes=0.0)
+  assert unlimited.local_reason() is None
+  unlimited(signal.SIGTERM, None)
+  assert unlimited.local_reason() == "SIGTERM"
+  limited = train._StopRequest(time_limit_minutes=0.01)  # 0.6 s
+  assert limited.local_reason() is None
+  time.sleep(0.7)
+  assert limited.local_reason() == "time limit"
+  limited(signal.SIGTERM, None)
+  assert limited.local_reason() == "SIGTERM"
+
+
+def launch(*flags, env=None):
+  """The launcher on the tiny config, as a user runs it."""
+  return subprocess.run([sys.executable, "-m", "ddlm_jax.main", "--config=experiments/mdlm_tiny.py", *flags],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_launcher_reports_a_bad_value_in_one_line(tmp_path):
+  result = launch(f"--workdir={tmp_path}", "--config.train.learning_rate=-1.0")
+  assert result.returncode == 1
+  assert result.stderr.count("\n") <= 2 and "config.train.learning_rate" in result.stderr, result.stderr
+  shown = launch(f"--workdir={tmp_path}", "--config.train.learning_rate=-1.0", env={"DDLM_TRACEBACK": "1"})
+  assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
+def test_launcher_samples_each_prompt_num_samples_times_without_orbax_warnings(trained_workdir):
+  workdir, _ = trained_workdir
+  result = launch(f"--workdir={workdir}", "--mode=sample", "--prompt=The", "--prompt=A venue",
+                  "--config.sample.num_samples=2", "--config.sample.steps=4")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "read only" not in result.stderr and "checkpoint_manager" not in result.stderr, result.stderr
+  with open(os.path.join(workdir, "sample_summary.json")) as f:
+    samples = json.load(f)["samples"]
+  assert len(samples) == 4 and [text[:3] for text in samples] == ["The", "The", "A v", "A v"], samples
+
+
+def test_launcher_reports_a_corrupt_checkpoint_in_one_line(tmp_path, trained_workdir):
+  workdir, _ = trained_workdir
+  broken = str(tmp_path / "broken")
+  subprocess.run(["cp", "-r", workdir, broken], check=True)
+  state_dir = os.path.join(checkpoint.checkpoint_dir(broken), str(checkpoint.latest_step(broken)), "state")
+  for root, _, names in os.walk(state_dir):
+    for name in names:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage")
+  result = launch(f"--workdir={broken}", "--mode=sample")
+  assert result.returncode == 1
+  assert result.stderr.count("\n") <= 2 and "cannot be restored" in result.stderr, result.stderr
+
+
+def write_paragraphs(path, word):
+  path.write_text("\n\n".join(f"The {word} number {i} sits by the river." for i in range(80)))
+
+
+def text_file_config(path):
+  config = tiny_config(num_steps=2, checkpoint_every=2)
+  config.data.update(source="text_files", paths=(str(path),), tokenizer="char", seq_len=48,
+                     validation_fraction=0.1)
+  config.eval.update(max_docs=8)
+  return config
+
+
+def test_edited_text_file_is_refused_on_resume_and_the_workdir_kept(tmp_path):
+  path, workdir = tmp_path / "notes.txt", str(tmp_path / "run")
+  write_paragraphs(path, "boat")
+  train.train_and_evaluate(text_file_config(path), workdir)
+  write_paragraphs(path, "goat")  # same length, other content
+  before = _snapshot(workdir)
+  with pytest.raises(checkpoint.CheckpointError, match="data_fingerprint"):
+    train.train_and_evaluate(text_file_config(path), workdir)
+  assert _snapshot(workdir) == before
+
+
+def test_tokenizer_trained_on_other_texts_is_refused_and_the_workdir_kept(tmp_path):
+  path, workdir = tmp_path / "notes.txt", str(tmp_path / "run")
+  write_paragraphs(path, "boat")
+  data_config = config_lib.data_config(text_file_config(path))
+  datasets.load_data(data_config, workdir)  # a run that stopped before its first checkpoint
+  write_paragraphs(path, "goat")
+  before = _snapshot(workdir)
+  with pytest.raises(ValueError, match="trained on other texts"):
+    datasets.load_data(data_config, workdir)
+  assert _snapshot(workdir) == before
+  write_paragraphs(path, "boat")
+  assert datasets.load_data(data_config, workdir).tokenizer.vocab_size > 0  # the same texts are welcome
+
+
+def test_checkpoint_without_a_data_fingerprint_still_resumes():
+  current = config_lib.run_identity(tiny_config())
+  older = {key: value for key, value in json.loads(json.dumps(current)).items() if key != "data_fingerprint"}
+  checkpoint.check_identity(config_lib.saved_run_identity(older, current), current, "workdir")
+  edited = {**older, "data_fingerprint": "0" * 16}
+  with pytest.raises(checkpoint.CheckpointError, match="data_fingerprint: checkpoint '0000"):
+    checkpoint.check_identity(config_lib.saved_run_identity(edited, current), current, "workdir")
+
+
+def test_resuming_with_more_steps_says_so(tmp_path, trained_workdir, capsys):
+  workdir, _ = trained_workdir
+  extended = str(tmp_path / "extended")
+  subprocess.run(["cp", "-r", workdir, extended], check=True)
+  summary = train.train_and_evaluate(tiny_config(num_steps=22), extended)
+  assert summary["step"] == 22
+  assert "config.train.num_steps is 22, the checkpoint's run had 20: from step 20 on" in capsys.readouterr().out

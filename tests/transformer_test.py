@@ -66,6 +66,75 @@ def test_any_length_up_to_max_len_gives_float32_logits(causal):
     assert np.all(np.isfinite(logits_BLV))
 
 
+def _numpy_forward(model, tokens_BL, t_B):
+  """The transformer's forward pass written again in float64 numpy, from its parameters: token
+  ids int[B, L] (or points float[B, L, E] with latent_dim E) -> float64[B, L, V (or E)]."""
+  config = model.config
+  value = lambda param: np.asarray(param[...], np.float64)
+  silu = lambda x: x / (1 + np.exp(-x))
+
+  def norm(x_BLD, layer, shift_and_scale=None):
+    h_BLD = x_BLD / np.sqrt((x_BLD**2).mean(-1, keepdims=True) + 1e-6) * value(layer.scale)
+    if shift_and_scale is None:
+      return h_BLD
+    shift_BD, scale_BD = shift_and_scale
+    return h_BLD * (1 + scale_BD[:, None]) + shift_BD[:, None]
+
+  def modulations(modulation, c_BC):
+    if c_BC is None:
+      return [None] * 2
+    m_BND = np.einsum("BC,CND->BND", silu(c_BC), value(modulation.kernel)) + value(modulation.bias)
+    return [m_BND[:, i:i + 2].transpose(1, 0, 2) for i in range(0, m_BND.shape[1], 2)]
+
+  def rope(x_BLHK):
+    half = x_BLHK.shape[-1] // 2
+    angles_L1J = np.arange(x_BLHK.shape[1])[:, None, None] * 1e4 ** (-np.arange(half) / half)
+    x1, x2 = x_BLHK[..., :half], x_BLHK[..., half:]
+    cos, sin = np.cos(angles_L1J), np.sin(angles_L1J)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+  length = tokens_BL.shape[1]
+  c_BC = None
+  if config.time_conditioning:
+    half = config.embed_dim // 2
+    args_BJ = 1000 * np.asarray(t_B, np.float64)[:, None] * np.exp(-np.log(1e4) * np.arange(half) / half)
+    embedding = model.time_embedding
+    h_BC = np.concatenate([np.cos(args_BJ), np.sin(args_BJ)], -1) @ value(embedding.w1) + value(embedding.b1)
+    c_BC = silu(h_BC) @ value(embedding.w2) + value(embedding.b2)
+  if config.latent_dim:
+    x_BLD = np.asarray(tokens_BL, np.float64) @ value(model.input_projection)
+  else:
+    x_BLD = value(model.embedding)[np.asarray(tokens_BL)]
+  for block in model.blocks:
+    attn_mod, mlp_mod = modulations(block.modulation, c_BC)
+    h_BLD = norm(x_BLD, block.attn_norm, attn_mod)
+    q, k, v = (np.einsum("BLD,DHK->BLHK", h_BLD, value(w))
+               for w in (block.attn.query, block.attn.key, block.attn.value))
+    scores_BHLS = np.einsum("BLHK,BSHK->BHLS", rope(q), rope(k)) / np.sqrt(q.shape[-1])
+    if config.causal:
+      scores_BHLS = np.where(np.tril(np.ones((length, length), bool)), scores_BHLS, -np.inf)
+    probs_BHLS = np.exp(scores_BHLS - scores_BHLS.max(-1, keepdims=True))
+    probs_BHLS /= probs_BHLS.sum(-1, keepdims=True)
+    out_BLHK = np.einsum("BHLS,BSHK->BLHK", probs_BHLS, v)
+    x_BLD = x_BLD + np.einsum("BLHK,HKD->BLD", out_BLHK, value(block.attn.out))
+    h_BLF = norm(x_BLD, block.mlp_norm, mlp_mod) @ value(block.mlp.wi)
+    gelu_BLF = 0.5 * h_BLF * (1 + np.tanh(np.sqrt(2 / np.pi) * (h_BLF + 0.044715 * h_BLF**3)))
+    x_BLD = x_BLD + gelu_BLF @ value(block.mlp.wo)
+  final_mod = modulations(model.final_modulation, c_BC)[0]
+  return norm(x_BLD, model.final_norm, final_mod) @ value(model.unembedding)
+
+
+@pytest.mark.parametrize("causal, time_conditioning, latent_dim", [
+    (False, True, 0), (True, False, 0), (False, True, 6)])
+def test_forward_matches_a_numpy_reference(causal, time_conditioning, latent_dim):
+  model = _randomize(_model(causal=causal, time_conditioning=time_conditioning, latent_dim=latent_dim), seed=4)
+  tokens_BL = jax.random.normal(jax.random.key(5), (2, 7, latent_dim)) if latent_dim else _tokens(2, 7)
+  t_B = jnp.array([0.2, 0.7])
+  expected_BLV = _numpy_forward(model, tokens_BL, t_B)
+  assert np.abs(expected_BLV).max() > 1  # not a degenerate comparison
+  np.testing.assert_allclose(_jit_forward(model)(tokens_BL, t_B), expected_BLV, rtol=1e-4, atol=1e-4)
+
+
 def test_bidirectional_later_token_changes_earlier_logits():
   model = _model()
   tokens_BL = _tokens()
@@ -105,14 +174,23 @@ def test_time_conditioning_changes_output_iff_enabled():
                                 unconditioned(tokens_BL))
 
 
+def _has_remat(model, tokens_BL):
+  """Whether the gradient of model's loss recomputes activations (a remat primitive)."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  loss_fn = lambda params: nnx.merge(graphdef, params)(tokens_BL).sum()
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn))(params))
+  return "remat" in jaxpr or "checkpoint" in jaxpr
+
+
 def test_remat_gives_same_loss_and_gradients():
   tokens_BL, key = _tokens(), jax.random.key(3)
-  loss, grads = _loss_and_grads(_model(dropout_rate=0.1), tokens_BL, key)
-  remat_loss, remat_grads = _loss_and_grads(
-      _model(dropout_rate=0.1, remat=True), tokens_BL, key)
+  model, remat_model = _model(dropout_rate=0.1), _model(dropout_rate=0.1, remat=True)
+  loss, grads = _loss_and_grads(model, tokens_BL, key)
+  remat_loss, remat_grads = _loss_and_grads(remat_model, tokens_BL, key)
   np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                remat_grads, grads)
+  assert _has_remat(remat_model, tokens_BL) and not _has_remat(model, tokens_BL)
 
 
 def test_dropout_only_with_key():
@@ -121,6 +199,15 @@ def test_dropout_only_with_key():
   np.testing.assert_array_equal(model(tokens_BL), model(tokens_BL))
   dropped = model(tokens_BL, dropout_key=jax.random.key(0))
   assert jnp.abs(dropped - model(tokens_BL)).max() > 1e-3
+
+
+def test_dropout_zeroes_a_share_rate_and_rescales_the_rest():
+  x = jnp.arange(1.0, 40_001.0).reshape(200, 200)
+  dropped = np.asarray(layers.dropout(x, 0.25, jax.random.key(0)))
+  kept = dropped != 0
+  np.testing.assert_allclose(dropped[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+  assert abs(kept.mean() - 0.75) < 0.01  # 5 binomial standard errors of 40,000 draws
+  assert layers.dropout(x, 0.25, None) is x and layers.dropout(x, 0.0, jax.random.key(0)) is x
 
 
 def test_bfloat16_compute_is_close_to_float32():
@@ -148,24 +235,28 @@ def test_sequence_longer_than_max_len_raises():
     (dict(embed_dim=12, num_heads=4), "head_dim"),
     (dict(dropout_rate=1.0), "dropout_rate"),
     (dict(dtype="float16"), "dtype"),
+    (dict(latent_dim=-1), "latent_dim"),
+    (dict(latent_dim=4, causal=True), "latent_dim"),
 ])
 def test_invalid_config_raises_naming_the_field(overrides, field):
   with pytest.raises(ValueError, match=field):
     _config(**overrides)
 
 
-@pytest.mark.parametrize("time_conditioning", [False, True])
-def test_num_params_counts_the_state(time_conditioning):
-  config = _config(time_conditioning=time_conditioning)
+@pytest.mark.parametrize("time_conditioning, latent_dim", [(False, 0), (True, 0), (True, 6)])
+def test_num_params_counts_the_state(time_conditioning, latent_dim):
+  config = _config(time_conditioning=time_conditioning, latent_dim=latent_dim)
   model = transformer.Transformer(config, rngs=nnx.Rngs(0))
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert transformer.num_params(config) == sum(x.size for x in leaves)
 
 
-def test_flops_per_token_counts_the_matmul_weights():
-  config = _config(num_layers=3)
+@pytest.mark.parametrize("latent_dim", [0, 6])
+def test_flops_per_token_counts_the_matmul_weights(latent_dim):
+  config = _config(num_layers=3, latent_dim=latent_dim)
   model = transformer.Transformer(config, rngs=nnx.Rngs(0))
-  matmul_params = model.unembedding[...].size + sum(
+  input_projection = model.input_projection[...].size if latent_dim else 0
+  matmul_params = model.unembedding[...].size + input_projection + sum(
       w[...].size for block in model.blocks
       for w in (block.attn.query, block.attn.key, block.attn.value,
                 block.attn.out, block.mlp.wi, block.mlp.wo))

@@ -124,7 +124,7 @@ def test_prior_term_and_prior_draw():
   assert uniform.UniformDiffusion(9, schedules.Schedule("linear")).prior_nats_per_token() == 0
   fixed_BL = jnp.arange(50)[None, :] < jnp.arange(200)[:, None] % 7
   fixed_tokens_BL = jnp.full((200, 50), 4, jnp.int32)
-  canvas_BL = process.initial_canvas(fixed_tokens_BL, fixed_BL, jax.random.key(2))
+  canvas_BL = process.initial_state(None, fixed_tokens_BL, fixed_BL, jax.random.split(jax.random.key(2), 200)).tokens_BL
   np.testing.assert_array_equal(canvas_BL[fixed_BL], 4)
   free = np.asarray(canvas_BL)[~np.asarray(fixed_BL)]
   counts_V = np.bincount(free, minlength=9)
@@ -198,8 +198,8 @@ def test_reverse_probs_are_bayes_rule(t, s, kind):
   rng = np.random.default_rng(1)
   xt_1L = jnp.arange(vocab_size)[None]
   logits_1LV = jnp.asarray(rng.normal(size=(1, vocab_size, vocab_size)) * 2, jnp.float32)
-  log_x_theta_LV = np.asarray(process.x0_log_probs(logits_1LV)[0], np.float64)
-  denoiser_LV = np.exp(np.asarray(process.posterior_log_probs(logits_1LV, xt_1L, t)[0], np.float64))
+  log_x_theta_LV = np.asarray(process.x_theta_log_probs(logits_1LV)[0], np.float64)
+  denoiser_LV = np.exp(np.asarray(process.denoiser_log_probs(logits_1LV, xt_1L, t)[0], np.float64))
   bayes_LV = np.exp(log_x_theta_LV) * marginal(alpha_t, vocab_size)[:, np.arange(vocab_size)].T
   np.testing.assert_allclose(denoiser_LV, bayes_LV / bayes_LV.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
 
@@ -224,19 +224,19 @@ def test_reverse_step_draws_from_the_reverse_probs(draw):
   process = uniform.UniformDiffusion(vocab_size, schedules.Schedule("linear"))
   logits_1LV = jax.random.normal(jax.random.key(0), (1, 2, vocab_size)) * 2
   canvas_1L = jnp.array([[1, 4]])
-  u_key, v_key = jax.random.split(jax.random.key(1))
-  token_u_NL = jax.random.uniform(u_key, (rows, 2))
-  choice_u_NL = jax.random.uniform(v_key, (rows, 2))
+  keys_N = jax.random.split(jax.random.key(1), rows)
   canvas_NL, logits_NLV = jnp.tile(canvas_1L, (rows, 1)), jnp.tile(logits_1LV, (rows, 1, 1))
 
   @jax.jit  # the arrays are arguments, not closed-over constants that XLA would fold slowly
-  def run(canvas_NL, logits_NLV, token_u_NL, choice_u_NL):
-    step = lambda s: process.reverse_step(canvas_NL, logits_NLV, 0.4, s, token_u_NL, choice_u_NL, draw)
-    denoiser_NLV = process.posterior_log_probs(logits_NLV, canvas_NL, 0.4)
+  def run(canvas_NL, logits_NLV, keys_N):
+    canvas = base.Canvas(canvas_NL, jnp.zeros(canvas_NL.shape, bool))
+    step = lambda s: process.reverse_step(canvas, logits_NLV, 0.4, s, keys_N, base.StepSettings(draw)).tokens_BL
+    denoiser_NLV = process.denoiser_log_probs(logits_NLV, canvas_NL, 0.4)
     expected_1LV = process.reverse_probs(jnp.exp(draw.log_probs(denoiser_NLV[:1])), canvas_NL[:1], 0.4, 0.3)
+    token_u_NL, _ = base.step_uniforms(keys_N, 2)
     return step(0.0), draw(denoiser_NLV, token_u_NL), step(0.3), expected_1LV
 
-  x0_NL, x0_draw_NL, xs_NL, expected_1LV = run(canvas_NL, logits_NLV, token_u_NL, choice_u_NL)
+  x0_NL, x0_draw_NL, xs_NL, expected_1LV = run(canvas_NL, logits_NLV, keys_N)
   np.testing.assert_array_equal(x0_NL, x0_draw_NL)
   expected_LV = np.asarray(expected_1LV[0], np.float64)
   expected_LV /= expected_LV.sum(-1, keepdims=True)

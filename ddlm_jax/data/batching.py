@@ -3,8 +3,7 @@
 Two layouts turn tokenized documents into int32[N, L] rows:
   pad:  one document per row, [doc..., EOS, PAD, ...]; longer documents are cut to L-1 tokens.
   pack: every document followed by EOS, concatenated and cut into rows of L (the tail is dropped).
-A sequence-to-sequence pair is one padded document, [source..., EOS, target..., EOS, PAD, ...];
-`source_mask` finds its source segment.
+A sequence-to-sequence pair is one padded document (`pairs.py`).
 
 `BatchIterator` walks shuffled epochs of the rows. Its whole position is two integers, so a
 checkpoint can save it and a restarted run continues with the very same batches.
@@ -45,16 +44,6 @@ def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, *, eos_id: int) 
                                                      for doc in docs), np.int32)
   num_rows = len(stream) // seq_len
   return stream[:num_rows * seq_len].reshape(num_rows, seq_len)
-
-
-def source_mask(rows_BL, eos_id: int):
-  """bool[B, L]: True up to and including each row's first [EOS], the source of a pair's row.
-
-  A row without [EOS] is all source. Takes numpy arrays, and jax arrays inside or outside
-  `jax.jit`; returns the same kind.
-  """
-  is_eos_BL = rows_BL == eos_id
-  return is_eos_BL.cumsum(axis=-1) - is_eos_BL == 0  # No [EOS] strictly before the position.
 
 
 class BatchIterator:

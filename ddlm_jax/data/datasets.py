@@ -13,15 +13,18 @@ Sources:
 
 Tasks:
   'lm':           language modelling: each row holds documents alone.
-  'data_to_text': each row is a pair [source..., EOS, target..., EOS, PAD, ...] (`batching.
-                  source_mask` finds the source): an embedded document's serialised record
+  'data_to_text': each row is a pair [source..., EOS, target..., EOS, PAD, ...] (the layout of
+                  `pairs.py`): an embedded document's serialised record
                   (`corpus.format_record`), then its text.
   'text_to_data': the same pair the other way round: the text, then the record.
 
 The tokenizer is trained on the training split only (for a pair task, on both sides of the
-training pairs) and cached in workdir/tokenizer.
+training pairs) and cached in workdir/tokenizer with the `texts_fingerprint` of the data it was
+trained on; data with another fingerprint (other settings, or an edited text file) is refused there.
 """
 import dataclasses
+import hashlib
+import json
 import os
 
 from absl import logging
@@ -30,11 +33,20 @@ import numpy as np
 from ddlm_jax.data import batching
 from ddlm_jax.data import corpus
 from ddlm_jax.data import local_text
+from ddlm_jax.data import pairs as pairs_lib
 from ddlm_jax.data import tokenizers
 
 SOURCES = ("embedded", "text_files", "tfds")
 PACKINGS = ("pad", "pack")
 TASKS = ("lm", "data_to_text", "text_to_data")
+# The settings that choose the texts (and so the tokenizer's training texts); `texts_fingerprint`
+# adds the content of local files.
+TEXT_SETTINGS = ("source", "tfds_name", "unit", "num_train_docs", "validation_fraction", "seed", "task",
+                 "record_attributes")
+TOKENIZER_FINGERPRINT_FILE = "texts_fingerprint.json"
+# Sentencepiece's smallest vocabulary: the special tokens, [UNK], a byte-fallback id per byte value
+# and at least one character of the text (it needs one id per distinct character).
+MIN_SENTENCEPIECE_VOCAB_SIZE = len(tokenizers.SPECIAL_TOKENS) + 1 + 256 + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +102,12 @@ class DataConfig:
     for field in ("vocab_size", "num_train_docs", "num_eval_docs"):
       if getattr(self, field) <= 0:
         raise ValueError(f"DataConfig.{field} must be positive, got {getattr(self, field)}")
+    if self.tokenizer == "sentencepiece" and self.vocab_size < MIN_SENTENCEPIECE_VOCAB_SIZE:
+      raise ValueError(f"DataConfig.vocab_size must be at least {MIN_SENTENCEPIECE_VOCAB_SIZE} for sentencepiece "
+                       f"(its {len(tokenizers.SPECIAL_TOKENS) + 1} special ids, 256 byte ids and the text's "
+                       f"characters), got {self.vocab_size}")
+    if self.seed < 0:
+      raise ValueError(f"DataConfig.seed must be >= 0, got {self.seed}")
     if self.seq_len < 2:
       raise ValueError(f"DataConfig.seq_len must be at least 2, got {self.seq_len}")
     if not 0 < self.validation_fraction < 1:
@@ -147,13 +165,55 @@ class DataBundle:
   eval_records: tuple[dict[str, str], ...] | None = None
 
 
+def texts_fingerprint(config: DataConfig) -> str:
+  """A digest of the texts a config chooses: its TEXT_SETTINGS and, for 'text_files', the content of
+  the files (so an edited file changes it; a missing one raises ValueError naming it). Catalog
+  datasets are taken as named (TFDS versions them)."""
+  digest = hashlib.sha256(json.dumps({name: getattr(config, name) for name in TEXT_SETTINGS}).encode())
+  for path in config.paths if config.source == "text_files" else ():
+    digest.update(hashlib.sha256(local_text.read_text_file(path).encode()).digest())
+  return digest.hexdigest()[:16]
+
+
+def check_tokenizer_texts(directory: str, fingerprint: str) -> None:
+  """Raises ValueError, before anything is written, if the tokenizer cached in `directory` was
+  trained on texts of another fingerprint (one cached before fingerprints were kept is accepted)."""
+  path = os.path.join(directory, TOKENIZER_FINGERPRINT_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as file:
+    trained_on = json.load(file)["texts_fingerprint"]
+  if trained_on != fingerprint:
+    raise ValueError(f"the tokenizer in {directory} was trained on other texts (fingerprint {trained_on}, "
+                     f"now {fingerprint}): the data settings or the text files changed since. Use a new "
+                     "--workdir, or the data it was trained on; the workdir was left as it is.")
+
+
+def _build_tokenizer(config: DataConfig, train_texts: list[str], workdir: str,
+                     fingerprint: str) -> tokenizers.Tokenizer:
+  """The workdir's tokenizer; one trained now (on `train_texts`) is saved with the texts' fingerprint."""
+  directory = os.path.join(workdir, "tokenizer")
+  trained_now = not os.path.isdir(directory)
+  tokenizer = tokenizers.build_tokenizer(config.tokenizer, train_texts, directory, config.vocab_size)
+  if trained_now:
+    path = os.path.join(directory, TOKENIZER_FINGERPRINT_FILE)
+    with open(path + ".tmp", "w") as file:
+      json.dump({"texts_fingerprint": fingerprint}, file)
+    os.replace(path + ".tmp", path)
+  return tokenizer
+
+
 def load_data(config: DataConfig, workdir: str) -> DataBundle:
-  """Reads the texts, builds (or loads) the tokenizer and lays the documents out in rows."""
+  """Reads the texts, builds (or loads) the tokenizer and lays the documents out in rows.
+
+  Raises ValueError before anything is written if workdir/tokenizer was trained on other texts.
+  """
+  fingerprint = texts_fingerprint(config)
+  check_tokenizer_texts(os.path.join(workdir, "tokenizer"), fingerprint)
   if config.task != "lm":
-    return _load_pairs(config, workdir)
+    return _load_pairs(config, workdir, fingerprint)
   train_texts, eval_texts, eval_log_probs = _load_texts(config, workdir)
-  tokenizer = tokenizers.build_tokenizer(config.tokenizer, train_texts,
-                                         os.path.join(workdir, "tokenizer"), config.vocab_size)
+  tokenizer = _build_tokenizer(config, train_texts, workdir, fingerprint)
   train_docs = [tokenizer.encode(text) for text in train_texts]
   eval_docs = [tokenizer.encode(text) for text in eval_texts]
   if config.packing == "pad":
@@ -178,7 +238,7 @@ def load_data(config: DataConfig, workdir: str) -> DataBundle:
                     num_truncated=num_truncated)
 
 
-def _load_pairs(config: DataConfig, workdir: str) -> DataBundle:
+def _load_pairs(config: DataConfig, workdir: str, fingerprint: str) -> DataBundle:
   """`load_data` for a pair task: rows [source..., EOS, target..., EOS, PAD, ...].
 
   A pair too long for a row loses the end of its target, as `batching.pad_documents` cuts it.
@@ -187,8 +247,7 @@ def _load_pairs(config: DataConfig, workdir: str) -> DataBundle:
   train_pairs = [_pair(document, config) for document in train]
   eval_pairs = [_pair(document, config) for document in evaluation]
   train_sides = [side for pair in train_pairs for side in pair]  # Texts and records both.
-  tokenizer = tokenizers.build_tokenizer(config.tokenizer, train_sides,
-                                         os.path.join(workdir, "tokenizer"), config.vocab_size)
+  tokenizer = _build_tokenizer(config, train_sides, workdir, fingerprint)
   train_docs = _encode_pairs(train_pairs, tokenizer, config.seq_len)
   eval_docs = _encode_pairs(eval_pairs, tokenizer, config.seq_len)
   num_eval_truncated = batching.count_truncated(eval_docs, config.seq_len)
@@ -196,7 +255,7 @@ def _load_pairs(config: DataConfig, workdir: str) -> DataBundle:
     logging.warning("%d of %d evaluation pairs are longer than seq_len=%d; their targets were cut",
                     num_eval_truncated, len(eval_docs), config.seq_len)
   eval_rows = _rows(eval_docs, config, tokenizer)
-  target_ML = ~batching.source_mask(eval_rows, tokenizer.eos_id)
+  target_ML = ~pairs_lib.source_mask(eval_rows, tokenizer.eos_id)
   target_text_ML = target_ML & (eval_rows != tokenizer.eos_id) & (eval_rows != tokenizer.pad_id)
   eval_targets = tuple(target for _, target in eval_pairs)
   return DataBundle(
@@ -224,7 +283,7 @@ def _encode_pairs(pairs: list[tuple[str, str]], tokenizer: tokenizers.Tokenizer,
   if longest + 2 > seq_len:  # The source, its [EOS] and the target's [EOS].
     raise ValueError(f"a source of {longest} tokens does not fit in a row of seq_len={seq_len}: "
                      f"raise DataConfig.seq_len to at least {longest + 2}")
-  return [source + [tokenizer.eos_id] + tokenizer.encode(target)
+  return [pairs_lib.encode_pair(source, tokenizer.encode(target), tokenizer.eos_id)
           for source, (_, target) in zip(sources, pairs)]
 
 

@@ -6,7 +6,9 @@ them whatever the vocabulary:
   [PAD]=0  [MASK]=1  [BOS]=2  [EOS]=3
 
 `encode` never adds special tokens; `decode` reads a model's row: it stops at the first [EOS],
-skips [PAD] and [BOS], and drops [MASK] or shows it. A tokenizer is trained on the training split
+skips [PAD] and [BOS], drops [MASK] or shows it, and shows every control character but newline
+and tab (a byte-fallback token may hold one) as U+FFFD, so that no sample can drive a terminal.
+A tokenizer is trained on the training split
 only and saved next to the run, so a resumed run or a loaded model uses the same vocabulary:
 
   tokenizer = build_tokenizer("sentencepiece", train_texts, f"{workdir}/tokenizer", 1024)
@@ -28,6 +30,10 @@ PAD_ID, MASK_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 KINDS = ("char", "sentencepiece")
 
 _METADATA_FILE = "tokenizer.json"
+# What `decode` writes for each control character (C0, DEL, C1) other than newline and tab.
+REPLACEMENT_CHARACTER = "\ufffd"
+_CONTROL_CHARACTERS = {code: REPLACEMENT_CHARACTER for code in (*range(0x20), *range(0x7F, 0xA0))
+                       if chr(code) not in "\n\t"}
 # sentencepiece's trainer skips, with only a log line, any sentence longer than this many bytes.
 SENTENCEPIECE_MAX_SENTENCE_BYTES = 4192
 
@@ -61,7 +67,8 @@ class Tokenizer(abc.ABC):
     """Writes the tokenizer's files; returns the metadata needed to load them."""
 
   def decode(self, ids: Sequence[int], *, show_mask: bool = False) -> str:
-    """Text of a row of ids, up to its first [EOS]; [PAD] and [BOS] are skipped.
+    """Text of a row of ids, up to its first [EOS]; [PAD] and [BOS] are skipped, and control
+    characters other than newline and tab become U+FFFD.
 
     Args:
       ids: int[L] token ids, for example one row of a sample.
@@ -82,7 +89,7 @@ class Tokenizer(abc.ABC):
       elif token >= len(SPECIAL_TOKENS):
         run.append(token)
     parts.append(self._decode_text_ids(run))
-    return "".join(parts)
+    return "".join(parts).translate(_CONTROL_CHARACTERS)
 
   def save(self, directory: str) -> None:
     """Writes the tokenizer to `directory`; the metadata file is written last, atomically."""
@@ -138,7 +145,8 @@ class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece model trained by `train`, with [MASK] as a control symbol at id 1.
 
   Normalisation is off and unseen characters fall back to bytes, so `decode(encode(text))`
-  returns `text` exactly, whitespace and newlines included.
+  returns `text` exactly, whitespace and newlines included (control characters other than
+  newline and tab come back as U+FFFD).
 
   Attributes:
     requested_vocab_size: the size asked of the trainer. `vocab_size` is smaller when the

@@ -12,9 +12,8 @@ included. With a prompt x^{<k} (prompt_mask True on it) the sum runs over l >= k
 
 The next-token distribution is a softmax over the V ids of the vocabulary with [BOS] (it is only
 ever an input) and any `excluded_ids` (e.g. [MASK], which no data row holds) removed. Sampling is
-incremental decoding with a KV cache, `ddlm_jax.samplers.decode`; the diffusion sampler's
-`initial_canvas` / `reverse_step` have no AR counterpart. The methods follow the contract in
-`processes/base.py`.
+incremental decoding with a KV cache, `ddlm_jax.samplers.decode`: the process is a `base.Process`
+(nelbo, loss), not a `base.DiffusionProcess`.
 """
 import dataclasses
 
@@ -49,7 +48,7 @@ class Autoregressive:
     bos_B1 = jnp.full((x0_BL.shape[0], 1), self.bos_id, x0_BL.dtype)
     return jnp.concatenate([bos_B1, x0_BL[:, :-1]], axis=1)
 
-  def x0_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
+  def next_token_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
     """log p(x^l | x^{<l}) over the first V ids, [BOS] and `excluded_ids` at -inf (float32[B, L, V])."""
     never_targets = jnp.array((self.bos_id, *self.excluded_ids))
     logits_BLV = logits_BLW[..., :self.vocab_size].astype(jnp.float32)
@@ -70,7 +69,7 @@ class Autoregressive:
     """
     del key, t_B
     logits_BLW = model_fn(self.inputs(x0_BL), jnp.zeros((x0_BL.shape[0],), jnp.float32))
-    nll_BL = -base.token_log_likelihood(self.x0_log_probs(logits_BLW), x0_BL)
+    nll_BL = -base.token_log_likelihood(self.next_token_log_probs(logits_BLW), x0_BL)
     scored_BL = base.scored_mask(x0_BL, prompt_mask_BL)
     return base.Nelbo(nats_B=jnp.where(scored_BL, nll_BL, 0.0).sum(axis=-1),
                       num_tokens_B=scored_BL.sum(axis=-1).astype(jnp.float32))

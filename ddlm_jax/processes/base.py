@@ -1,35 +1,28 @@
-"""The contract every process follows, and the pieces they share.
+"""The contract every process follows, as Protocols, and the pieces the processes share.
 
-A process is a frozen dataclass (hashable, static under `jax.jit`) with these methods, all pure
-functions of arrays and keys that take `model_fn(x_t_BL, t_B) -> logits_BLW` and never a network:
+A process is a frozen dataclass (hashable, static under `jax.jit`) whose methods are pure functions
+of arrays and keys; they take the network as `model_fn(x_t_BL, t_B) -> logits_BLW` (an
+`EmbeddingModel` for the Gaussian family), never a network module.
 
-  nelbo(model_fn, x0_BL, key, prompt_mask_BL=None) -> Nelbo
-      per-sequence negative ELBO in nats (a one-sample Monte Carlo estimate; exact for the
-      autoregressive baseline), the number every family is compared on.
-  loss(model_fn, x0_BL, key, prompt_mask_BL=None) -> (scalar, metrics)
-      the training objective; metrics include "loss".
-  initial_canvas(fixed_tokens_BL, fixed_BL, key) -> int32[B, L]
-      a draw from the prior at t = 1, with fixed positions already in place.
-  reverse_step(canvas_BL, logits_BLW, t, s, token_u_BL, choice_u_BL, draw) -> int32[B, L]
-      one ancestral step x_t -> x_s (s < t) given the network's logits at x_t, using the two
-      uniforms per position it is handed and `draw` (a `TokenDraw`) for sampling from p(x_0 | x_t).
+  `Process`            every family, the autoregressive baseline included: `nelbo` and `loss`.
+  `DiffusionProcess`   a process with a reverse process, which `samplers.sample` runs as one scan:
+                       `initial_state`, then `reverse_step` once per step on the network's output at
+                       `state.network_input`, then `tokens`. Its state is a pytree (`ReverseState`)
+                       that holds the fixed positions itself.
+  `TokenProcess`       a diffusion process over token canvases (masked, uniform, D3PM): its state is
+                       a `Canvas` and the network emits logits.
+  `AbsorbingProcess`   a token process with a [MASK] state (`absorbing` is True): what the k-reveal
+                       sampler strategies need, which unmask positions from `denoiser_log_probs`.
+  `EmbeddingProcess`   the Gaussian family: its state is a point of the embedding space, the network
+                       an `EmbeddingModel` that predicts the clean embedding, and its step can take
+                       classifier guidance.
 
-The Gaussian family (`gaussian.py`) diffuses embeddings instead of tokens: it takes a
-`gaussian.EmbeddingModel` (the network's denoiser z_t -> z0_hat and its embedding table) where the
-others take model_fn, and its reverse step (`step_mean_var`) moves points, not tokens.
-
-Class attributes tell the rest of the library what a process needs:
-  causal_network: the denoiser must use causal attention (autoregressive baseline).
-  exact_likelihood: `nelbo` is the exact NLL, not a Monte Carlo bound (one pass scores it).
-  mask_id (absorbing processes only): the k-reveal sampler strategies need it.
-  continuous (the Gaussian family only): the sampler's state is a point of the embedding space.
 Time runs over [0, 1] for every family (t = 1 is pure noise); discrete-time processes map it to
-their step grid.
-
-The network may emit W >= V logits (a vocabulary padded for sharding); processes drop ids >= V.
+their step grid. The network may emit W >= V logits (a vocabulary padded for sharding); processes
+drop ids >= V.
 """
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, ClassVar, Protocol
 
 import flax.struct
 import jax
@@ -145,3 +138,152 @@ def inverse_cdf_draw(probs_BLV: jax.Array, uniforms_BL: jax.Array) -> jax.Array:
   drawn_prob_BL = jnp.take_along_axis(probs_BLV, tokens_BL[..., None], axis=-1)[..., 0]
   greedy_BL = jnp.argmax(probs_BLV, axis=-1).astype(jnp.int32)
   return jnp.where(drawn_prob_BL > 0, tokens_BL, greedy_BL)  # only if u * total rounded up to total
+
+
+def step_uniforms(step_keys_B: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+  """(token_u_BL, choice_u_BL): the two uniforms per position of a token step, row b's from
+  step_keys_B[b] only (one to draw a token, one to choose whether or which positions move)."""
+  uniforms_B2L = jax.vmap(lambda step_key: jax.random.uniform(step_key, (2, length)))(step_keys_B)
+  return uniforms_B2L[:, 0], uniforms_B2L[:, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What a reverse step reads from the sampler settings (static under jit).
+
+  Attributes:
+    draw: how the token families draw from p(x_0 | x_t) (temperature, top-k, top-p).
+    method: the Gaussian family's step: 'ddpm' (ancestral) or 'ddim'.
+    eta: DDIM's noise scale (0: deterministic, 1: the DDPM step).
+    clamp: the Gaussian family snaps z0_hat to the nearest embedding before the step.
+  """
+  draw: TokenDraw = TokenDraw()
+  method: str = "ddpm"
+  eta: float = 0.0
+  clamp: bool = False
+
+
+@flax.struct.dataclass
+class Canvas:
+  """The reverse-process state of a token process.
+
+  Attributes:
+    tokens_BL: x_t, int32[B, L]; fixed positions hold their tokens.
+    fixed_BL: bool[B, L], the positions no step changes (prompt, constraints, padding).
+  """
+  tokens_BL: jax.Array
+  fixed_BL: jax.Array
+
+  @property
+  def network_input(self) -> jax.Array:
+    return self.tokens_BL
+
+  def moved_to(self, tokens_BL: jax.Array) -> "Canvas":
+    """This canvas with its free positions set to tokens_BL."""
+    return self.replace(tokens_BL=jnp.where(self.fixed_BL, self.tokens_BL, tokens_BL).astype(jnp.int32))
+
+
+class CanvasReadout:
+  """`clean_input` and `tokens` of the token processes (a mixin): the state is a `Canvas`."""
+
+  def clean_input(self, state: Canvas, token_id: int) -> int:
+    """The network reads a clean token as its id."""
+    del state
+    return token_id
+
+  def tokens(self, state: Canvas) -> jax.Array:
+    """The canvas, int32[B, L]."""
+    return state.tokens_BL
+
+
+class ReverseState(Protocol):
+  """A reverse process's state: a pytree (the carry of the sampler's scan)."""
+
+  @property
+  def network_input(self) -> jax.Array:
+    """What the network reads: tokens int32[B, L] or points float32[B, L, D]."""
+
+
+class Process(Protocol):
+  """Every family, the autoregressive baseline included.
+
+  Attributes:
+    causal_network: the denoiser must use causal attention (the autoregressive baseline).
+    exact_likelihood: `nelbo` is the exact NLL, not a Monte Carlo bound (one pass scores it).
+  """
+  causal_network: ClassVar[bool]
+  exact_likelihood: ClassVar[bool]
+
+  def nelbo(self, model_fn: Any, x0_BL: jax.Array, key: jax.Array, prompt_mask_BL: jax.Array | None = None,
+            t_B: jax.Array | None = None) -> Nelbo:
+    """Per-sequence negative ELBO in nats (one Monte Carlo draw; the exact NLL if exact_likelihood),
+    the number every family is compared on; prompt positions are neither noised nor scored."""
+
+  def loss(self, model_fn: Any, x0_BL: jax.Array, key: jax.Array,
+           prompt_mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training objective (a scalar) and its metrics, which include "loss"."""
+
+
+class DiffusionProcess(Process, Protocol):
+  """A process whose reverse process `samplers.sample` runs: `initial_state`, then per step the
+  network on `state.network_input` at time t and `reverse_step` to time s < t, then `tokens`.
+
+  Attributes:
+    absorbing: the process has a [MASK] state (`AbsorbingProcess`), which the k-reveal sampler
+      strategies unmask.
+    continuous: the state is a point of the embedding space (`EmbeddingProcess`), not tokens.
+  """
+  absorbing: bool
+  continuous: ClassVar[bool]
+
+  def initial_state(self, model: Any, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array,
+                    row_keys_B: jax.Array) -> ReverseState:
+    """A draw from the prior at t = 1 with the fixed positions in place; row b draws with
+    row_keys_B[b] only (so it does not depend on its batch)."""
+
+  def reverse_step(self, state: ReverseState, output: jax.Array, t: jax.Array, s: jax.Array,
+                   step_keys_B: jax.Array, settings: StepSettings) -> ReverseState:
+    """One step x_t -> x_s (s < t) given the network's output at (state.network_input, t); row b's
+    randomness comes from step_keys_B[b] only; fixed positions are held."""
+
+  def clean_input(self, state: ReverseState, token_id: int) -> jax.Array:
+    """What the network reads at a position that holds token_id clean (the null condition of
+    classifier-free guidance)."""
+
+  def tokens(self, state: ReverseState) -> jax.Array:
+    """The state as tokens, int32[B, L]."""
+
+
+class TokenProcess(DiffusionProcess, Protocol):
+  """A diffusion process over token canvases (masked, uniform, D3PM); the network emits logits."""
+
+  def initial_state(self, model: Any, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array,
+                    row_keys_B: jax.Array) -> Canvas:
+    """See `DiffusionProcess`; the model is not read."""
+
+  def reverse_step(self, state: Canvas, output: jax.Array, t: jax.Array, s: jax.Array,
+                   step_keys_B: jax.Array, settings: StepSettings) -> Canvas:
+    """See `DiffusionProcess`; output is the logits float32[B, L, W], tokens are drawn with
+    settings.draw."""
+
+  def denoiser_log_probs(self, logits_BLW: jax.Array, xt_BL: jax.Array, t: jax.Array) -> jax.Array:
+    """log p(x_0 | x_t), float32[B, L, V], from the network's logits at (x_t, t)."""
+
+
+class AbsorbingProcess(TokenProcess, Protocol):
+  """A token process with a [MASK] state (absorbing is True).
+
+  Attributes:
+    mask_id: id of [MASK]; a masked position stays masked until a step reveals it.
+  """
+  mask_id: int
+
+
+class EmbeddingProcess(DiffusionProcess, Protocol):
+  """The Gaussian family: the model is an `EmbeddingModel` (z_t -> z0_hat and the embedding table)."""
+
+  def reverse_step(self, state: ReverseState, output: jax.Array, t: jax.Array, s: jax.Array,
+                   step_keys_B: jax.Array, settings: StepSettings,
+                   guide_fn: Callable | None = None) -> ReverseState:
+    """See `DiffusionProcess`; output is z0_hat float32[B, L, D]; guide_fn (classifier guidance)
+    moves the step's mean."""

@@ -44,12 +44,15 @@ L_0 uses the denoiser (so it vanishes as T grows and the bound tends to the cont
 `masked.py` / `uniform.py` on the same network). The prior p(x_T) is uniform ('uniform',
 'nearest_neighbor') or [MASK] ('absorbing'; under a schedule with alphabar_T > 0 a token stays clean
 with probability alphabar_T, uniform over the other ids, as in `masked.py`). `nelbo` draws one t per
-sequence: T L_{t-1} + L_T is unbiased. The training loss is D3PM's hybrid loss (eq. 5): the bound
-plus hybrid_coeff times the cross-entropy -log p(x_0 | x_t) at the same draw. Unlike the paper's
-auxiliary term on the raw prediction p~, the cross-entropy (like L_0) is taken of the denoiser
+sequence: T L_{t-1} + L_T is unbiased. The training loss is D3PM's hybrid loss (eq. 5) as the paper
+trains it: at one drawn t ~ U{1..T} and x_t ~ q(x_t | x_0) per sequence, the single term L_{t-1}
+(L_0 at t = 1) plus hybrid_coeff times the cross-entropy -log p(x_0 | x_t); the factor T and the
+prior L_T belong to the reported bound, not to the objective. Unlike the paper's auxiliary term on
+the raw prediction p~, the cross-entropy (like L_0) is taken of the denoiser
 p(x_0 | x_t) ∝ q(x_t | x_0) p~: for 'absorbing' it is zero at clean positions (MDLM's carry-over).
 
-The methods follow the contract in `processes/base.py`. The network sees time t_B = i / T.
+The process is a `base.TokenProcess` (an `AbsorbingProcess` for 'absorbing'). The network sees time
+t_B = i / T.
 """
 import dataclasses
 import math
@@ -238,7 +241,7 @@ def kl_divergence(log_q_BLV: jax.Array, log_p_BLV: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class D3PM:
+class D3PM(base.CanvasReadout):
   """The discrete-time process with a uniform, absorbing or nearest-neighbour transition.
 
   Steps are integers i = 0..T (arrays of steps broadcast against the batch); the sampler's float
@@ -249,7 +252,7 @@ class D3PM:
     transition: one of TRANSITIONS.
     num_steps: T.
     schedule: alphabar_i = schedule.alpha(i / T).
-    hybrid_coeff: lambda of the hybrid loss (bound + lambda * cross-entropy).
+    hybrid_coeff: lambda of the hybrid loss (L_{t-1} + lambda * cross-entropy, see `loss`).
     mask_id: id of [MASK]; required for and only for 'absorbing'.
     graph: the token graph; required for and only for 'nearest_neighbor'.
     antithetic_time: draw a batch's steps stratified (see `base.sample_times`).
@@ -267,6 +270,7 @@ class D3PM:
   max_graph_time: float = 10.0
   causal_network = False
   exact_likelihood = False
+  continuous = False
 
   def __post_init__(self):
     if self.transition not in TRANSITIONS:
@@ -291,6 +295,11 @@ class D3PM:
       self.graph.check(self.vocab_size)
     if not self.max_graph_time > 0:
       raise ValueError(f"D3PM max_graph_time must be > 0, got {self.max_graph_time}")
+
+  @property
+  def absorbing(self) -> bool:
+    """Has a [MASK] state (the 'absorbing' transition)."""
+    return self.transition == "absorbing"
 
   # Transitions.
 
@@ -399,17 +408,17 @@ class D3PM:
     """log q(x_s | x_t, x_0) for steps s < t, float32[B, L, V]."""
     return self.reverse_log_probs(xt_BL, log_one_hot(x0_BL, self.vocab_size), t_B, s_B)
 
-  def reverse_log_probs(self, xt_BL: jax.Array, x0_log_probs_BLV: jax.Array, t_B: jax.Array,
+  def reverse_log_probs(self, xt_BL: jax.Array, x_theta_BLV: jax.Array, t_B: jax.Array,
                         s_B: jax.Array) -> jax.Array:
     """log p(x_s | x_t) ∝ log(x_t Qbar_{t|s}^T) + log(p~ Qbar_s), normalised (float32[B, L, V]).
 
     Args:
       xt_BL: int32[B, L] tokens at step t.
-      x0_log_probs_BLV: log p~(x_0 | x_t), the network's prediction (any normalisation).
+      x_theta_BLV: log p~(x_0 | x_t), the network's prediction (any normalisation).
       t_B, s_B: int steps, s < t, broadcastable to [B].
     """
     logits_BLV = (self.log_likelihood(xt_BL, s_B, t_B)
-                  + self.propagate(x0_log_probs_BLV, jnp.zeros_like(s_B), s_B))
+                  + self.propagate(x_theta_BLV, jnp.zeros_like(s_B), s_B))
     return jax.nn.log_softmax(logits_BLV, axis=-1)
 
   def prior_log_probs(self) -> jax.Array:
@@ -473,19 +482,24 @@ class D3PM:
 
   # The network's x_0 prediction.
 
-  def x0_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
-    """log p~(x_0 | x_t) over the V ids (ids >= V dropped; [MASK] excluded for 'absorbing')."""
+  def x_theta_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
+    """log p~(x_0 | x_t), the network's prediction over the V ids (ids >= V dropped; [MASK] excluded
+    for 'absorbing'); the denoiser is `denoiser_log_probs`."""
     logits_BLV = logits_BLW[..., :self.vocab_size].astype(jnp.float32)
     if self.transition == "absorbing":
       logits_BLV = logits_BLV.at[..., self.mask_id].set(-jnp.inf)
     return jax.nn.log_softmax(logits_BLV, axis=-1)
 
-  def denoiser_log_probs(self, xt_BL: jax.Array, x0_log_probs_BLV: jax.Array,
-                         t_B: jax.Array) -> jax.Array:
-    """log p(x_0 | x_t) ∝ log q(x_t | x_0) + log p~(x_0 | x_t), float32[B, L, V] ('absorbing': p~ at
-    [MASK], the token itself elsewhere)."""
-    likelihood_BLV = self.log_likelihood(xt_BL, jnp.zeros_like(t_B), t_B)
-    return jax.nn.log_softmax(likelihood_BLV + x0_log_probs_BLV, axis=-1)
+  def _denoiser(self, xt_BL: jax.Array, x_theta_BLV: jax.Array, steps_B: jax.Array) -> jax.Array:
+    """log p(x_0 | x_t) ∝ log q(x_t | x_0) + log p~(x_0 | x_t) at int steps, float32[B, L, V]."""
+    likelihood_BLV = self.log_likelihood(xt_BL, jnp.zeros_like(steps_B), steps_B)
+    return jax.nn.log_softmax(likelihood_BLV + x_theta_BLV, axis=-1)
+
+  def denoiser_log_probs(self, logits_BLW: jax.Array, xt_BL: jax.Array, t: jax.Array) -> jax.Array:
+    """log p(x_0 | x_t) ∝ q(x_t | x_0) p~(x_0 | x_t), float32[B, L, V] ('absorbing': p~ at [MASK],
+    the token itself elsewhere), at time t (float32[] or [B], the step round(t T))."""
+    steps_B = jnp.broadcast_to(jnp.round(t * self.num_steps).astype(jnp.int32), xt_BL.shape[:1])
+    return self._denoiser(xt_BL, self.x_theta_log_probs(logits_BLW), steps_B)
 
   # The bound.
 
@@ -493,8 +507,8 @@ class D3PM:
                   prompt_mask_BL: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """(L_{t-1} (L_0 where t = 1), cross-entropy -log p(x_0 | x_t)) per position, float32[B, L]."""
     xt_BL = self.corrupt(x0_BL, t_B, key, keep_BL=prompt_mask_BL)
-    x0_log_probs_BLV = self.x0_log_probs(model_fn(xt_BL, (t_B / self.num_steps).astype(jnp.float32)))
-    nll_BL = -base.token_log_likelihood(self.denoiser_log_probs(xt_BL, x0_log_probs_BLV, t_B), x0_BL)
+    x_theta_BLV = self.x_theta_log_probs(model_fn(xt_BL, (t_B / self.num_steps).astype(jnp.float32)))
+    nll_BL = -base.token_log_likelihood(self._denoiser(xt_BL, x_theta_BLV, t_B), x0_BL)
     if self.num_steps == 1:
       return nll_BL, nll_BL
     # L_0 is the KL below at s = 0, but there its gradient is NaN ([MASK] is -inf on both sides of a
@@ -502,7 +516,7 @@ class D3PM:
     kl_t_B = jnp.maximum(t_B, 2)
     # posterior_log_probs and reverse_log_probs, sharing x_t's likelihood and one propagation.
     likelihood_BLV = self.log_likelihood(xt_BL, kl_t_B - 1, kl_t_B)
-    x0s_2BLV = jnp.stack([log_one_hot(x0_BL, self.vocab_size), x0_log_probs_BLV])
+    x0s_2BLV = jnp.stack([log_one_hot(x0_BL, self.vocab_size), x_theta_BLV])
     marginals_2BLV = self.propagate(x0s_2BLV, jnp.zeros_like(t_B), kl_t_B - 1)
     posterior_BLV, reverse_BLV = jax.nn.log_softmax(likelihood_BLV + marginals_2BLV, axis=-1)
     kl_BL = kl_divergence(posterior_BLV, reverse_BLV)
@@ -519,20 +533,17 @@ class D3PM:
     times_B = base.sample_times(key, batch_size, self.antithetic_time)
     return jnp.clip(jnp.ceil(times_B * self.num_steps), 1, self.num_steps).astype(jnp.int32)
 
-  def _one_step_bound(self, model_fn: base.ModelFn, x0_BL: jax.Array, key: jax.Array,
-                      prompt_mask_BL: jax.Array | None, t_B: jax.Array | None):
-    """(Nelbo, cross-entropy per sequence) at one drawn step per sequence."""
+  def _drawn_step_terms(self, model_fn: base.ModelFn, x0_BL: jax.Array, key: jax.Array,
+                        prompt_mask_BL: jax.Array | None, t_B: jax.Array | None):
+    """(L_{t-1} (L_0 where t = 1), cross-entropy, scored) per position, float32[B, L] twice and
+    bool[B, L], at one drawn step per sequence."""
     step_key, corrupt_key = jax.random.split(key)
     if t_B is None:
       steps_B = self.sample_steps(step_key, x0_BL.shape[0])
     else:
       steps_B = jnp.clip(jnp.round(t_B * self.num_steps), 1, self.num_steps).astype(jnp.int32)
-    scored_BL = base.scored_mask(x0_BL, prompt_mask_BL)
     step_nats_BL, nll_BL = self._step_terms(model_fn, x0_BL, steps_B, corrupt_key, prompt_mask_BL)
-    nats_BL = self.num_steps * step_nats_BL + self.prior_nats(x0_BL)
-    estimate = base.Nelbo(nats_B=jnp.where(scored_BL, nats_BL, 0.0).sum(-1),
-                          num_tokens_B=scored_BL.sum(-1).astype(jnp.float32))
-    return estimate, jnp.where(scored_BL, nll_BL, 0.0).sum(-1)
+    return step_nats_BL, nll_BL, base.scored_mask(x0_BL, prompt_mask_BL)
 
   def nelbo(self, model_fn: base.ModelFn, x0_BL: jax.Array, key: jax.Array,
             prompt_mask_BL: jax.Array | None = None, t_B: jax.Array | None = None) -> base.Nelbo:
@@ -546,7 +557,10 @@ class D3PM:
       t_B: optional fixed times in (0, 1], float32[B], taken to the step round(t T) (>= 1); drawn
         with `sample_steps` if None.
     """
-    return self._one_step_bound(model_fn, x0_BL, key, prompt_mask_BL, t_B)[0]
+    step_nats_BL, _, scored_BL = self._drawn_step_terms(model_fn, x0_BL, key, prompt_mask_BL, t_B)
+    nats_BL = self.num_steps * step_nats_BL + self.prior_nats(x0_BL)
+    return base.Nelbo(nats_B=jnp.where(scored_BL, nats_BL, 0.0).sum(-1),
+                      num_tokens_B=scored_BL.sum(-1).astype(jnp.float32))
 
   def nelbo_exact_time(self, model_fn: base.ModelFn, x0_BL: jax.Array, key: jax.Array,
                        prompt_mask_BL: jax.Array | None = None) -> base.Nelbo:
@@ -565,45 +579,57 @@ class D3PM:
 
   def loss(self, model_fn: base.ModelFn, x0_BL: jax.Array, key: jax.Array,
            prompt_mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The hybrid loss (D3PM eq. 5) per scored position, vlb + hybrid_coeff * ce, and metrics:
-    vlb is the one-step bound (`nelbo`), ce = -log p(x_0 | x_t) of the denoiser at the same x_t."""
-    estimate, nll_B = self._one_step_bound(model_fn, x0_BL, key, prompt_mask_BL, None)
-    num_tokens = jnp.maximum(estimate.num_tokens_B.sum(), 1.0)
-    vlb, ce = estimate.nats_B.sum() / num_tokens, nll_B.sum() / num_tokens
-    total = vlb + self.hybrid_coeff * ce
-    return total, {"loss": total, "vlb": vlb, "ce": ce}
+    """D3PM's hybrid loss (eq. 5): L_{t-1} + hybrid_coeff * CE at the drawn (t, x_t) of each
+    sequence (the draw of `nelbo` with the same key), summed over scored positions and divided by
+    their number in the batch; and metrics: loss, step_kl (L_{t-1}), ce, and vlb, the bound
+    estimate T L_{t-1} + L_T of `nelbo` per position (reported, not trained on)."""
+    step_nats_BL, nll_BL, scored_BL = self._drawn_step_terms(model_fn, x0_BL, key, prompt_mask_BL, None)
+    num_tokens = jnp.maximum(scored_BL.sum(), 1.0)
+    per_position = lambda nats_BL: jnp.where(scored_BL, nats_BL, 0.0).sum() / num_tokens
+    step_kl, ce = per_position(step_nats_BL), per_position(nll_BL)
+    total = step_kl + self.hybrid_coeff * ce
+    vlb = self.num_steps * step_kl + per_position(self.prior_nats(x0_BL))
+    return total, {"loss": total, "step_kl": step_kl, "ce": ce, "vlb": vlb}
 
   # Sampling from p.
 
-  def reverse_step(self, canvas_BL: jax.Array, logits_BLW: jax.Array, t: jax.Array, s: jax.Array,
-                   token_u_BL: jax.Array, choice_u_BL: jax.Array, draw: base.TokenDraw) -> jax.Array:
+  def reverse_step(self, state: base.Canvas, logits_BLW: jax.Array, t: jax.Array, s: jax.Array,
+                   step_keys_B: jax.Array, settings: base.StepSettings) -> base.Canvas:
     """The ancestral step x_t -> x_s (steps round(t T) -> round(s T); none if they are equal).
 
-    x_s ~ sum_{x_0} q(x_s | x_t, x_0) d(x_0) with d the denoiser p(x_0 | x_t) after `draw`'s
+    x_s ~ sum_{x_0} q(x_s | x_t, x_0) d(x_0) with d the denoiser p(x_0 | x_t) after settings.draw's
     temperature / top-k / top-p, i.e. p(x_s | x_t) with p~ ∝ d / q(x_t | .); at s = 0, x_0 ~ d
-    itself (the distribution `draw(log p(x_0 | x_t), token_u_BL)` samples, by the same inverse CDF).
-    choice_u_BL is unused (one uniform per position).
+    itself (the distribution `settings.draw(log p(x_0 | x_t), token_u_BL)` samples, by the same
+    inverse CDF). One uniform per position.
     """
-    del choice_u_BL
-    batch_size = canvas_BL.shape[0]
+    canvas_BL = state.tokens_BL
+    batch_size, length = canvas_BL.shape
+    token_u_BL, _ = base.step_uniforms(step_keys_B, length)
     t_B = jnp.full((batch_size,), jnp.round(t * self.num_steps), jnp.int32)
     s_B = jnp.full((batch_size,), jnp.round(s * self.num_steps), jnp.int32)
     likelihood_BLV = self.log_likelihood(canvas_BL, jnp.zeros_like(t_B), t_B)  # used twice
-    denoiser_BLV = jax.nn.log_softmax(likelihood_BLV + self.x0_log_probs(logits_BLW), axis=-1)
-    tempered_BLV = draw.log_probs(denoiser_BLV)
+    denoiser_BLV = jax.nn.log_softmax(likelihood_BLV + self.x_theta_log_probs(logits_BLW), axis=-1)
+    tempered_BLV = settings.draw.log_probs(denoiser_BLV)
     weights_BLV = jnp.where(tempered_BLV > -jnp.inf, tempered_BLV - likelihood_BLV, -jnp.inf)
     reverse_BLV = self.reverse_log_probs(canvas_BL, weights_BLV, t_B, s_B)
     log_probs_BLV = jnp.where((s_B == 0)[:, None, None], tempered_BLV, reverse_BLV)
     xs_BL = base.inverse_cdf_draw(jnp.exp(log_probs_BLV), token_u_BL)
-    return jnp.where((s_B >= t_B)[:, None], canvas_BL, xs_BL)
+    return state.moved_to(jnp.where((s_B >= t_B)[:, None], canvas_BL, xs_BL))
 
-  def initial_canvas(self, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array) -> jax.Array:
-    """A draw from the prior p(x_T) (`prior_log_probs`), with fixed positions in place."""
-    clean_key, token_key = jax.random.split(key)
-    if self.transition != "absorbing":
-      noise_BL = jax.random.randint(token_key, fixed_BL.shape, 0, self.vocab_size)
-      return jnp.where(fixed_BL, fixed_tokens_BL, noise_BL)
-    clean_BL = jax.random.uniform(clean_key, fixed_BL.shape) < self.schedule.final_alpha
-    tokens_BL = jax.random.randint(token_key, fixed_BL.shape, 0, self.vocab_size - 1)
-    tokens_BL = jnp.where(tokens_BL >= self.mask_id, tokens_BL + 1, tokens_BL)
-    return jnp.where(fixed_BL, fixed_tokens_BL, jnp.where(clean_BL, tokens_BL, self.mask_id))
+  def initial_state(self, model: base.ModelFn, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array,
+                    row_keys_B: jax.Array) -> base.Canvas:
+    """A draw from the prior p(x_T) (`prior_log_probs`), fixed positions in place; row b draws with
+    row_keys_B[b] only, and the model is not read."""
+    del model
+    length = fixed_BL.shape[1]
+
+    def prior_row(row_key):
+      clean_key, token_key = jax.random.split(row_key)
+      if self.transition != "absorbing":
+        return jax.random.randint(token_key, (length,), 0, self.vocab_size)
+      clean_L = jax.random.uniform(clean_key, (length,)) < self.schedule.final_alpha
+      tokens_L = jax.random.randint(token_key, (length,), 0, self.vocab_size - 1)
+      return jnp.where(clean_L, jnp.where(tokens_L >= self.mask_id, tokens_L + 1, tokens_L), self.mask_id)
+
+    prior_BL = jax.vmap(prior_row)(row_keys_B)
+    return base.Canvas(jnp.where(fixed_BL, fixed_tokens_BL, prior_BL).astype(jnp.int32), fixed_BL)

@@ -46,16 +46,18 @@ shrink and the rounding term pushes distinct words apart.
 
 Partial noising (DiffuSeq): positions marked `keep_BL` / `prompt_mask_BL` stay at their clean
 embedding E(w) at every t and are never scored. Reverse steps (`step_mean_var`): ancestral DDPM
-and DDIM (Song et al. 2021, eta = 0 deterministic); `samplers.sample` runs them, with
-Diffusion-LM's clamping trick as an option.
+and DDIM (Song et al. 2021, eta = 0 deterministic); `reverse_step` takes one on the sampler's state
+(`Points`), with Diffusion-LM's clamping trick and classifier guidance as options, and `tokens`
+rounds the state to the nearest embeddings.
 
-The contract of `processes/base.py` holds with one difference: where the token families take
-`model_fn(x_t_BL, t_B) -> logits`, this process takes an `EmbeddingModel`, the network's
-denoiser z_t -> z0_hat together with its (learned) embedding table.
+The process is an `EmbeddingProcess` of `processes/base.py`: where the token families take
+`model_fn(x_t_BL, t_B) -> logits`, it takes an `EmbeddingModel`, the network's denoiser
+z_t -> z0_hat together with its (learned) embedding table.
 """
 import dataclasses
 from typing import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -77,6 +79,10 @@ class EmbeddingModel:
   """
   denoise_fn: DenoiseFn
   embeddings_VD: jax.Array
+
+  def __call__(self, z_BLD: jax.Array, t_B: jax.Array) -> jax.Array:
+    """z0_hat: the network as the sampler runs it on a state's `network_input`."""
+    return self.denoise_fn(z_BLD, t_B)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +166,28 @@ def hold(z_BLD: jax.Array, clean_BLD: jax.Array, keep_BL: jax.Array | None) -> j
   return z_BLD if keep_BL is None else jnp.where(keep_BL[..., None], clean_BLD, z_BLD)
 
 
+@flax.struct.dataclass
+class Points:
+  """The reverse-process state of the Gaussian family.
+
+  Attributes:
+    z_BLD: z_t, float32[B, L, D]; fixed positions hold their clean embedding.
+    clean_BLD: the clean embeddings of the fixed tokens, float32[B, L, D] (read at fixed positions).
+    fixed_tokens_BL: int32[B, L], the tokens of the fixed positions.
+    fixed_BL: bool[B, L], the positions no step changes.
+    table_VD: the normalised embedding table float32[V, D] (clamping, rounding, null condition).
+  """
+  z_BLD: jax.Array
+  clean_BLD: jax.Array
+  fixed_tokens_BL: jax.Array
+  fixed_BL: jax.Array
+  table_VD: jax.Array
+
+  @property
+  def network_input(self) -> jax.Array:
+    return self.z_BLD
+
+
 @dataclasses.dataclass(frozen=True)
 class GaussianDiffusion:
   """Gaussian diffusion on (normalised) token embeddings.
@@ -178,6 +206,7 @@ class GaussianDiffusion:
   antithetic_time: bool = True
   causal_network = False
   exact_likelihood = False
+  absorbing = False
   continuous = True
 
   def __post_init__(self):
@@ -327,6 +356,36 @@ class GaussianDiffusion:
     mean_BLD = jnp.sqrt(self.schedule.alpha_bar(s)) * z0_hat_BLD + direction * eps_hat_BLD
     return mean_BLD, sigma_sq, posterior_var
 
-  def initial_state(self, clean_BLD: jax.Array, fixed_BL: jax.Array, key: jax.Array) -> jax.Array:
-    """z_1 ~ N(0, I) at free positions, the clean embedding at fixed ones, float32[B, L, D]."""
-    return hold(jax.random.normal(key, clean_BLD.shape), clean_BLD, fixed_BL)
+  def initial_state(self, model: EmbeddingModel, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array,
+                    row_keys_B: jax.Array) -> Points:
+    """z_1 ~ N(0, I) at free positions (row b's from row_keys_B[b] only), the clean embedding of
+    the fixed token at fixed ones."""
+    table_VD = self.table(model.embeddings_VD)
+    clean_BLD = table_VD[fixed_tokens_BL]
+    noise_BLD = jax.vmap(lambda row_key: jax.random.normal(row_key, clean_BLD.shape[1:]))(row_keys_B)
+    return Points(z_BLD=hold(noise_BLD, clean_BLD, fixed_BL), clean_BLD=clean_BLD,
+                  fixed_tokens_BL=fixed_tokens_BL, fixed_BL=fixed_BL, table_VD=table_VD)
+
+  def reverse_step(self, state: Points, z0_hat_BLD: jax.Array, t: jax.Array, s: jax.Array,
+                   step_keys_B: jax.Array, settings: base.StepSettings,
+                   guide_fn: Callable | None = None) -> Points:
+    """One reverse step z_t -> z_s (`step_mean_var` with settings.method and eta), with z0_hat first
+    snapped to the nearest embedding if settings.clamp, and the mean moved by classifier guidance
+    guide_fn(mean, posterior_var, s_B, free_BL) if given; row b's noise from step_keys_B[b] only."""
+    batch_size = state.z_BLD.shape[0]
+    if settings.clamp:
+      z0_hat_BLD = clamp_to_embeddings(z0_hat_BLD, state.table_VD)
+    mean_BLD, noise_var, posterior_var = self.step_mean_var(state.z_BLD, z0_hat_BLD, t, s, settings.method,
+                                                            settings.eta)
+    if guide_fn is not None:
+      mean_BLD = guide_fn(mean_BLD, posterior_var, jnp.full((batch_size,), s), ~state.fixed_BL)
+    noise_BLD = jax.vmap(lambda step_key: jax.random.normal(step_key, state.z_BLD.shape[1:]))(step_keys_B)
+    return state.replace(z_BLD=hold(mean_BLD + jnp.sqrt(noise_var) * noise_BLD, state.clean_BLD, state.fixed_BL))
+
+  def clean_input(self, state: Points, token_id: int) -> jax.Array:
+    """The network reads a clean token as its normalised embedding, float32[D]."""
+    return state.table_VD[token_id]
+
+  def tokens(self, state: Points) -> jax.Array:
+    """The fixed tokens at fixed positions, z rounded to the nearest embedding elsewhere, int32[B, L]."""
+    return jnp.where(state.fixed_BL, state.fixed_tokens_BL, round_to_tokens(state.z_BLD, state.table_VD))

@@ -12,9 +12,10 @@ is zero unless alpha(1) > 0 (log-linear schedule): then the prior p(x_1) leaves 
 probability alpha(1), drawn uniformly from the V - 1 non-mask tokens, and the term is
 alpha(1) log(V - 1) nats per scored token.
 
-The methods follow the contract in `processes/base.py`.
+The process is a `base.AbsorbingProcess` (`processes/base.py`).
 """
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from ddlm_jax.schedules import Schedule
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedDiffusion:
+class MaskedDiffusion(base.CanvasReadout):
   """The absorbing process.
 
   Attributes:
@@ -39,6 +40,8 @@ class MaskedDiffusion:
   antithetic_time: bool = True
   causal_network = False
   exact_likelihood = False
+  absorbing = True
+  continuous = False
 
   def __post_init__(self):
     if not 0 <= self.mask_id < self.vocab_size:
@@ -63,15 +66,18 @@ class MaskedDiffusion:
       masked_BL &= ~keep_BL
     return jnp.where(masked_BL, self.mask_id, x0_BL)
 
-  def x0_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
-    """log p(x_0 | x_t) with [MASK] excluded (float32[B, L, V])."""
+  def denoiser_log_probs(self, logits_BLW: jax.Array, xt_BL: jax.Array, t: jax.Array) -> jax.Array:
+    """log p(x_0 | x_t), float32[B, L, V]: the network's softmax without [MASK] at masked positions,
+    the token itself (carried over) at clean ones; t is not read."""
+    del t
     logits_BLV = logits_BLW[..., :self.vocab_size].astype(jnp.float32).at[..., self.mask_id].set(-jnp.inf)
-    return jax.nn.log_softmax(logits_BLV, axis=-1)
+    clean_BLV = jnp.where(jax.nn.one_hot(xt_BL, self.vocab_size, dtype=bool), 0.0, -jnp.inf)
+    return jnp.where((xt_BL == self.mask_id)[..., None], jax.nn.log_softmax(logits_BLV, axis=-1), clean_BLV)
 
   def prior_nats_per_token(self) -> float:
-    """KL(q(x_1 | x_0) || p(x_1)) per token; zero when alpha(1) = 0."""
+    """KL(q(x_1 | x_0) || p(x_1)) per token; zero when alpha(1) = 0. A Python number (static under jit)."""
     final_alpha = self.schedule.final_alpha
-    return final_alpha * float(jnp.log(self.vocab_size - 1)) if final_alpha > 0 else 0.0
+    return final_alpha * math.log(self.vocab_size - 1) if final_alpha > 0 else 0.0
 
   def nelbo(self, model_fn: base.ModelFn, x0_BL: jax.Array, key: jax.Array,
             prompt_mask_BL: jax.Array | None = None, t_B: jax.Array | None = None) -> base.Nelbo:
@@ -89,7 +95,7 @@ class MaskedDiffusion:
     if t_B is None:
       t_B = base.sample_times(t_key, x0_BL.shape[0], self.antithetic_time)
     xt_BL = self.corrupt(x0_BL, t_B, mask_key, keep_BL=prompt_mask_BL)
-    nll_BL = -base.token_log_likelihood(self.x0_log_probs(model_fn(xt_BL, t_B)), x0_BL)
+    nll_BL = -base.token_log_likelihood(self.denoiser_log_probs(model_fn(xt_BL, t_B), xt_BL, t_B), x0_BL)
     num_tokens_B = base.scored_mask(x0_BL, prompt_mask_BL).sum(axis=-1).astype(jnp.float32)
     masked_BL = xt_BL == self.mask_id
     diffusion_nats_B = self.schedule.loss_weight(t_B) * jnp.where(masked_BL, nll_BL, 0.0).sum(-1)
@@ -109,26 +115,32 @@ class MaskedDiffusion:
     """
     return 1.0 - self.schedule.mask_prob(s) / self.schedule.mask_prob(t)
 
-  def reverse_step(self, canvas_BL: jax.Array, logits_BLW: jax.Array, t: jax.Array, s: jax.Array,
-                   token_u_BL: jax.Array, choice_u_BL: jax.Array, draw: base.TokenDraw) -> jax.Array:
+  def reverse_step(self, state: base.Canvas, logits_BLW: jax.Array, t: jax.Array, s: jax.Array,
+                   step_keys_B: jax.Array, settings: base.StepSettings) -> base.Canvas:
     """The exact ancestral step x_t -> x_s (MDLM): each masked token is revealed with probability
-    `unmask_prob(t, s)` (decided by choice_u_BL), as a draw from p(x_0 | x_t); clean tokens stay."""
-    candidates_BL = draw(self.x0_log_probs(logits_BLW), token_u_BL)
+    `unmask_prob(t, s)`, as a draw from p(x_0 | x_t) with settings.draw; clean tokens stay."""
+    canvas_BL = state.tokens_BL
+    token_u_BL, choice_u_BL = base.step_uniforms(step_keys_B, canvas_BL.shape[1])
+    candidates_BL = settings.draw(self.denoiser_log_probs(logits_BLW, canvas_BL, t), token_u_BL)
     reveal_BL = (canvas_BL == self.mask_id) & (choice_u_BL < self.unmask_prob(t, s))
-    return jnp.where(reveal_BL, candidates_BL, canvas_BL)
+    return state.moved_to(jnp.where(reveal_BL, candidates_BL, canvas_BL))
 
-  def initial_canvas(self, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array) -> jax.Array:
-    """A draw from the prior p(x_1): [MASK] everywhere except fixed positions.
+  def initial_state(self, model: base.ModelFn, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array,
+                    row_keys_B: jax.Array) -> base.Canvas:
+    """A draw from the prior p(x_1): [MASK] everywhere except fixed positions; row b draws with
+    row_keys_B[b] only, and the model is not read.
 
     Under a schedule with alpha(1) > 0, each free position is clean with probability alpha(1),
     uniform over the non-mask tokens, matching `prior_nats_per_token`.
     """
-    canvas_BL = jnp.where(fixed_BL, fixed_tokens_BL, self.mask_id)
-    final_alpha = self.schedule.final_alpha
-    if final_alpha == 0:
-      return canvas_BL
-    clean_key, token_key = jax.random.split(key)
-    clean_BL = (jax.random.uniform(clean_key, canvas_BL.shape) < final_alpha) & ~fixed_BL
-    tokens_BL = jax.random.randint(token_key, canvas_BL.shape, 0, self.vocab_size - 1)
-    tokens_BL = jnp.where(tokens_BL >= self.mask_id, tokens_BL + 1, tokens_BL)
-    return jnp.where(clean_BL, tokens_BL, canvas_BL)
+    del model
+    final_alpha, length = self.schedule.final_alpha, fixed_BL.shape[1]
+
+    def prior_row(row_key):
+      clean_key, token_key = jax.random.split(row_key)
+      clean_L = jax.random.uniform(clean_key, (length,)) < final_alpha
+      tokens_L = jax.random.randint(token_key, (length,), 0, self.vocab_size - 1)
+      return jnp.where(clean_L, jnp.where(tokens_L >= self.mask_id, tokens_L + 1, tokens_L), self.mask_id)
+
+    prior_BL = jax.vmap(prior_row)(row_keys_B) if final_alpha > 0 else jnp.full(fixed_BL.shape, self.mask_id)
+    return base.Canvas(jnp.where(fixed_BL, fixed_tokens_BL, prior_BL).astype(jnp.int32), fixed_BL)

@@ -39,7 +39,7 @@ beta_t / V * rho_j (d_j - log(1 + d_j)) = w(t) u_j phi(d_j), with w(t) = -alpha'
 (the masked process's weight), phi(d) = 1 - log(1 + d) / d, and u_j = e_j - e_i / (1 + c_t) in terms
 of e = p(. | x_t) - x_0 (see `jump_divergence`).
 
-The methods follow the contract in `processes/base.py`.
+The process is a `base.TokenProcess` (`processes/base.py`) without a [MASK] state.
 """
 import dataclasses
 import math
@@ -105,7 +105,7 @@ def posterior_log_probs(log_x_theta_BLV: jax.Array, xt_BL: jax.Array, snr: jax.A
 
 
 @dataclasses.dataclass(frozen=True)
-class UniformDiffusion:
+class UniformDiffusion(base.CanvasReadout):
   """The uniform-noise process (no [MASK]: samplers use its exact ancestral step only).
 
   Attributes:
@@ -118,6 +118,8 @@ class UniformDiffusion:
   antithetic_time: bool = True
   causal_network = False
   exact_likelihood = False
+  absorbing = False
+  continuous = False
 
   def __post_init__(self):
     if self.vocab_size < 2:
@@ -148,14 +150,14 @@ class UniformDiffusion:
     noise_BL = jax.random.randint(token_key, x0_BL.shape, 0, self.vocab_size, dtype=x0_BL.dtype)
     return jnp.where(redrawn_BL, noise_BL, x0_BL)
 
-  def x0_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
+  def x_theta_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
     """log x_theta, the network's distribution over the V ids (float32[B, L, V]).
 
-    It is the prior of Bayes' rule, not p(x_0 | x_t): see `posterior_log_probs`.
+    It is the prior of Bayes' rule, not p(x_0 | x_t): see `denoiser_log_probs`.
     """
     return jax.nn.log_softmax(logits_BLW[..., :self.vocab_size].astype(jnp.float32), axis=-1)
 
-  def posterior_log_probs(self, logits_BLW: jax.Array, xt_BL: jax.Array, t: jax.Array) -> jax.Array:
+  def denoiser_log_probs(self, logits_BLW: jax.Array, xt_BL: jax.Array, t: jax.Array) -> jax.Array:
     """The denoiser log p(x_0 | x_t) ∝ log x_theta + log q(x_t | x_0), float32[B, L, V].
 
     Args:
@@ -164,7 +166,7 @@ class UniformDiffusion:
       t: a time, float32[] or float32[B].
     """
     snr_B11 = self.snr(jnp.asarray(t, jnp.float32))[..., None, None]
-    return posterior_log_probs(self.x0_log_probs(logits_BLW), xt_BL, snr_B11)
+    return posterior_log_probs(self.x_theta_log_probs(logits_BLW), xt_BL, snr_B11)
 
   def prior_nats_per_token(self) -> float:
     """KL(q(x_1 | x_0) || Uniform) per token; zero when alpha(1) = 0.
@@ -193,7 +195,7 @@ class UniformDiffusion:
     if t_B is None:
       t_B = base.sample_times(t_key, x0_BL.shape[0], self.antithetic_time)
     xt_BL = self.corrupt(x0_BL, t_B, noise_key, keep_BL=prompt_mask_BL)
-    log_x_theta_BLV = self.x0_log_probs(model_fn(xt_BL, t_B))
+    log_x_theta_BLV = self.x_theta_log_probs(model_fn(xt_BL, t_B))
     divergence_BL = jump_divergence(log_x_theta_BLV, xt_BL, x0_BL, self.snr(t_B)[:, None, None])
     scored_BL = base.scored_mask(x0_BL, prompt_mask_BL)
     num_tokens_B = scored_BL.sum(axis=-1).astype(jnp.float32)
@@ -230,17 +232,22 @@ class UniformDiffusion:
     likelihood_BLV = jnp.where(observed_BLV, noise_t - noise_s + signal_t, noise_t - noise_s)
     return likelihood_BLV * mixture_BLV
 
-  def reverse_step(self, canvas_BL: jax.Array, logits_BLW: jax.Array, t: jax.Array, s: jax.Array,
-                   token_u_BL: jax.Array, choice_u_BL: jax.Array, draw: base.TokenDraw) -> jax.Array:
-    """The exact ancestral step: every position is redrawn from p(x_s | x_t) (`reverse_probs`),
-    with `draw`'s temperature, top-k and top-p applied to p(x_0 | x_t) first; at s = 0 it is the
-    x_0 draw `draw(log p(x_0 | x_t), token_u_BL)` itself."""
-    del choice_u_BL  # one uniform per position is enough
-    x0_probs_BLV = jnp.exp(draw.log_probs(self.posterior_log_probs(logits_BLW, canvas_BL, t)))
+  def reverse_step(self, state: base.Canvas, logits_BLW: jax.Array, t: jax.Array, s: jax.Array,
+                   step_keys_B: jax.Array, settings: base.StepSettings) -> base.Canvas:
+    """The exact ancestral step: every free position is redrawn from p(x_s | x_t) (`reverse_probs`),
+    with settings.draw's temperature, top-k and top-p applied to p(x_0 | x_t) first; at s = 0 it is
+    the x_0 draw `settings.draw(log p(x_0 | x_t), token_u_BL)` itself. One uniform per position."""
+    canvas_BL = state.tokens_BL
+    token_u_BL, _ = base.step_uniforms(step_keys_B, canvas_BL.shape[1])
+    x0_probs_BLV = jnp.exp(settings.draw.log_probs(self.denoiser_log_probs(logits_BLW, canvas_BL, t)))
     xs_probs_BLV = jnp.where(s == 0, x0_probs_BLV, self.reverse_probs(x0_probs_BLV, canvas_BL, t, s))
-    return base.inverse_cdf_draw(xs_probs_BLV, token_u_BL)
+    return state.moved_to(base.inverse_cdf_draw(xs_probs_BLV, token_u_BL))
 
-  def initial_canvas(self, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array) -> jax.Array:
-    """A draw from the prior p(x_1) = Uniform over the V ids, with fixed positions in place."""
-    noise_BL = jax.random.randint(key, fixed_BL.shape, 0, self.vocab_size, dtype=jnp.int32)
-    return jnp.where(fixed_BL, fixed_tokens_BL, noise_BL)
+  def initial_state(self, model: base.ModelFn, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array,
+                    row_keys_B: jax.Array) -> base.Canvas:
+    """A draw from the prior p(x_1) = Uniform over the V ids, fixed positions in place; row b draws
+    with row_keys_B[b] only, and the model is not read."""
+    del model
+    length = fixed_BL.shape[1]
+    noise_BL = jax.vmap(lambda row_key: jax.random.randint(row_key, (length,), 0, self.vocab_size))(row_keys_B)
+    return base.Canvas(jnp.where(fixed_BL, fixed_tokens_BL, noise_BL).astype(jnp.int32), fixed_BL)

@@ -1,0 +1,248 @@
+"""The one place an experiment config becomes objects: the process, the network's settings, the
+optimizer, D3PM's neighbour graph, and the model function of a network's parameters.
+
+  experiment = make_experiment(config, tokenizer.vocab_size, graph)
+  model_fn = bind(graphdef, params)                 # (x_t_BL, t_B) -> logits_BLV
+  nelbo_fn = make_nelbo_fn(graphdef, experiment.process)
+
+`config.validate` builds the same objects over a stand-in vocabulary (`stand_in_process`), so each
+setting is checked by the object that reads it. Inference needs no optimizer: `make_optimizer` is
+called by training only.
+"""
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from ddlm_jax import config as config_lib
+from ddlm_jax import evaluate
+from ddlm_jax import schedules
+from ddlm_jax import sharding
+from ddlm_jax.data import datasets
+from ddlm_jax.data import pairs as pairs_lib
+from ddlm_jax.data import tokenizers
+from ddlm_jax.networks import transformer
+from ddlm_jax.processes import autoregressive
+from ddlm_jax.processes import d3pm
+from ddlm_jax.processes import gaussian
+from ddlm_jax.processes import masked
+from ddlm_jax.processes import uniform
+
+# The network's vocabulary is padded to a multiple of this so that it splits over any tensor axis;
+# the process ignores the extra logits.
+VOCAB_MULTIPLE = 128
+# The vocabulary that validation builds a config's objects over, before any tokenizer exists: the
+# special ids and a few more.
+STAND_IN_VOCAB_SIZE = len(tokenizers.SPECIAL_TOKENS) + 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """The frozen settings of one run, built from its config."""
+  data: datasets.DataConfig
+  model: transformer.TransformerConfig
+  process: Any  # one of the processes in ddlm_jax/processes (contract in processes/base.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighborGraphSettings:
+  """How D3PM's 'nearest_neighbor' graph is built: each token joined to at most `num_neighbors`
+  others by cosine similarity of `embed_dim`-sized co-occurrence embeddings of the training rows."""
+  num_neighbors: int
+  embed_dim: int
+
+  def __post_init__(self):
+    if min(self.num_neighbors, self.embed_dim) < 1:
+      raise ValueError(f"num_neighbors and neighbor_embed_dim must be >= 1, got {self.num_neighbors} "
+                       f"and {self.embed_dim}")
+
+  def build(self, rows_NL: np.ndarray, vocab_size: int) -> d3pm.NeighborGraph:
+    """The graph of the tokens of int[N, L] rows over a vocabulary of `vocab_size`."""
+    embeddings_VD = d3pm.cooccurrence_embeddings(rows_NL, vocab_size, self.embed_dim)
+    return d3pm.NeighborGraph.from_embeddings(embeddings_VD, self.num_neighbors)
+
+  def edgeless(self, vocab_size: int) -> d3pm.NeighborGraph:
+    """A graph of this degree without edges (every slot the token itself, weight 0)."""
+    neighbors_VK = np.tile(np.arange(vocab_size)[:, None], (1, self.num_neighbors))
+    return d3pm.NeighborGraph(neighbors_VK=jnp.asarray(neighbors_VK, jnp.int32),
+                              weights_VK=jnp.zeros(neighbors_VK.shape, jnp.float32))
+
+
+def neighbor_graph_settings(settings: ml_collections.ConfigDict) -> NeighborGraphSettings | None:
+  """The graph settings of `config.process`; None unless it is D3PM with 'nearest_neighbor'."""
+  if settings.name != "d3pm" or settings.transition != "nearest_neighbor":
+    return None
+  return NeighborGraphSettings(settings.num_neighbors, settings.neighbor_embed_dim)
+
+
+def make_process(settings: ml_collections.ConfigDict, vocab_size: int,
+                 neighbor_graph: d3pm.NeighborGraph | None = None):
+  """The process named by `config.process` over a vocabulary of the tokenizers' special ids."""
+  if settings.name == "autoregressive":
+    return autoregressive.Autoregressive(vocab_size=vocab_size, bos_id=tokenizers.BOS_ID,
+                                         excluded_ids=(tokenizers.MASK_ID,))
+  if settings.name == "gaussian":
+    return gaussian.GaussianDiffusion(vocab_size=vocab_size, latent_dim=settings.latent_dim,
+                                      schedule=gaussian.NoiseSchedule(settings.schedule),
+                                      num_steps=settings.num_steps, antithetic_time=settings.antithetic_time)
+  schedule = schedules.Schedule(settings.schedule, settings.schedule_eps)
+  if settings.name == "masked":
+    return masked.MaskedDiffusion(vocab_size=vocab_size, mask_id=tokenizers.MASK_ID, schedule=schedule,
+                                  antithetic_time=settings.antithetic_time)
+  if settings.name == "uniform":
+    return uniform.UniformDiffusion(vocab_size=vocab_size, schedule=schedule,
+                                    antithetic_time=settings.antithetic_time)
+  if settings.name == "d3pm":
+    absorbing = settings.transition == "absorbing"
+    return d3pm.D3PM(vocab_size=vocab_size, transition=settings.transition, num_steps=settings.num_steps,
+                     schedule=schedule, hybrid_coeff=settings.hybrid_coeff,
+                     mask_id=tokenizers.MASK_ID if absorbing else None, graph=neighbor_graph,
+                     antithetic_time=settings.antithetic_time)
+  raise ValueError(f"unknown process {settings.name!r}")
+
+
+def stand_in_process(settings: ml_collections.ConfigDict):
+  """The process of `config.process` over STAND_IN_VOCAB_SIZE ids (with an edgeless graph of the
+  configured degree for 'nearest_neighbor'): every process setting checked before data exists."""
+  graph_settings = neighbor_graph_settings(settings)
+  graph = None if graph_settings is None else graph_settings.edgeless(STAND_IN_VOCAB_SIZE)
+  return make_process(settings, STAND_IN_VOCAB_SIZE, graph)
+
+
+def process_identity(process, graph_settings: NeighborGraphSettings | None) -> dict:
+  """What a resumed run's process must share with its checkpoint, as JSON values: the process
+  class and its fields (nested settings such as the schedule as dicts), without the vocabulary
+  size (the tokenizer's) and with the neighbour graph given by the settings that build it."""
+  identity = {"type": type(process).__name__}
+  for field in dataclasses.fields(process):
+    value = getattr(process, field.name)
+    if field.name == "vocab_size":
+      continue
+    if field.name == "graph":
+      value = None if graph_settings is None else dataclasses.asdict(graph_settings)
+    elif dataclasses.is_dataclass(value):
+      value = dataclasses.asdict(value)
+    elif isinstance(value, tuple):
+      value = list(value)
+    identity[field.name] = value
+  return identity
+
+
+def model_config(config: ml_collections.ConfigDict, process) -> transformer.TransformerConfig:
+  """The network of `config.model` that `process` trains: causal for the autoregressive baseline,
+  over embeddings (time-conditioned) for the Gaussian family, its vocabulary padded to
+  VOCAB_MULTIPLE."""
+  latent_dim = process.latent_dim if isinstance(process, gaussian.GaussianDiffusion) else 0
+  if latent_dim and not config.model.time_conditioning:
+    raise ValueError("process 'gaussian' needs time_conditioning=True")
+  padded_vocab_size = -(-process.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  return transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=config.data.seq_len,
+                                       causal=process.causal_network, latent_dim=latent_dim,
+                                       **config.model.to_dict())
+
+
+def make_experiment(config: ml_collections.ConfigDict, vocab_size: int,
+                    neighbor_graph: d3pm.NeighborGraph | None = None) -> Experiment:
+  """Frozen settings from a validated config and the tokenizer's vocabulary size (and, for D3PM's
+  nearest-neighbour transition, its token graph)."""
+  process = make_process(config.process, vocab_size, neighbor_graph)
+  return Experiment(data=config_lib.data_config(config), model=model_config(config, process), process=process)
+
+
+def neighbor_graph_path(workdir: str) -> str:
+  return os.path.join(workdir, "neighbor_graph.npz")
+
+
+def build_neighbor_graph(config: ml_collections.ConfigDict, train_rows_NL: np.ndarray, vocab_size: int,
+                         workdir: str) -> d3pm.NeighborGraph | None:
+  """D3PM's nearest-neighbour graph over token co-occurrence embeddings, saved in the workdir with
+  the settings that made it (None for every other process). A resumed run or a loaded pipeline
+  reads the saved graph; one saved under other settings is rebuilt."""
+  graph_settings = neighbor_graph_settings(config.process)
+  if graph_settings is None:
+    return None
+  saved_settings = dict(vocab_size=vocab_size, num_neighbors=graph_settings.num_neighbors,
+                        neighbor_embed_dim=graph_settings.embed_dim)
+  saved = load_neighbor_graph(workdir, saved_settings)
+  if saved is not None:
+    return saved
+  graph = graph_settings.build(train_rows_NL, vocab_size)
+  if jax.process_index() == 0:
+    path = neighbor_graph_path(workdir)
+    np.savez(path + ".tmp.npz", neighbors_VK=np.asarray(graph.neighbors_VK),
+             weights_VK=np.asarray(graph.weights_VK), **saved_settings)
+    os.replace(path + ".tmp.npz", path)
+  return graph
+
+
+def load_neighbor_graph(workdir: str, settings: dict | None = None) -> d3pm.NeighborGraph | None:
+  """The graph saved by `build_neighbor_graph`; None if there is none, or if `settings` are given
+  and it was built under others."""
+  path = neighbor_graph_path(workdir)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as saved:
+    if settings and any(int(saved[name]) != value for name, value in settings.items()):
+      return None
+    return d3pm.NeighborGraph(neighbors_VK=jnp.asarray(saved["neighbors_VK"]),
+                              weights_VK=jnp.asarray(saved["weights_VK"]))
+
+
+def abstract_params(model: transformer.TransformerConfig,
+                    mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, params as ShapeDtypeStructs, their shardings under the default rules), allocating
+  nothing."""
+  graphdef, params = sharding.abstract_model(model)
+  return graphdef, params, sharding.state_shardings(params, mesh, sharding.DEFAULT_RULES)
+
+
+def bind(graphdef: nnx.GraphDef, params: nnx.State,
+         dropout_key: jax.Array | None = None) -> Callable | gaussian.EmbeddingModel:
+  """model_fn(x_t_BL, t_B) -> logits_BLV of the network with these parameters; for an
+  embedding-space network (the Gaussian family) its denoiser with its embedding table."""
+  model = nnx.merge(graphdef, params)
+  model_fn = lambda xt_BL, t_B: model(xt_BL, t_B, dropout_key=dropout_key)
+  if model.config.latent_dim:
+    return gaussian.EmbeddingModel(model_fn, model.embedding[...])
+  return model_fn
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, cosine decay and global-norm gradient clipping."""
+  learning_rate = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+      decay_steps=max(train.num_steps, train.warmup_steps + 1),
+      end_value=train.learning_rate * train.min_learning_rate_ratio)
+  return optax.chain(
+      optax.clip_by_global_norm(train.grad_clip_norm),
+      optax.adamw(learning_rate, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay))
+
+
+def make_nelbo_fn(graphdef: nnx.GraphDef, process, mesh: jax.sharding.Mesh | None = None,
+                  exact_time_sum: bool = False, pairs: bool = False) -> evaluate.NelboFn:
+  """Jitted (params, rows_BL, key) -> NELBO nats_B of the network (the exact NLL for the
+  autoregressive baseline); of the targets given their sources for `pairs`.
+
+  Times are drawn independently per row (not stratified over the batch), so rows are independent
+  and `evaluate.elbo`'s standard error is valid. With `exact_time_sum` a discrete-time process
+  sums every step of its bound instead of drawing one. On a mesh the result is replicated, so
+  every process can read it.
+  """
+  if "antithetic_time" in {field.name for field in dataclasses.fields(process)}:
+    process = dataclasses.replace(process, antithetic_time=False)
+  if exact_time_sum and not hasattr(process, "nelbo_exact_time"):
+    raise ValueError(f"config.eval.exact_time_sum needs a discrete-time process, not {type(process).__name__}")
+  bound = process.nelbo_exact_time if exact_time_sum else process.nelbo
+  out_shardings = None if mesh is None else sharding.replicated(mesh)
+
+  def nelbo_fn(params, rows_BL, key):
+    source_BL, rows_BL = pairs_lib.source_and_rows(rows_BL, pairs)
+    return bound(bind(graphdef, params), rows_BL, key, source_BL).nats_B
+
+  return jax.jit(nelbo_fn, out_shardings=out_shardings)

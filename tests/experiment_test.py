@@ -1,0 +1,189 @@
+"""Config -> objects in one place: every experiment builds, bad settings are named, run identities
+come from the process, and inference restores parameters without training code."""
+import dataclasses
+import importlib
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import ddlm_jax
+from ddlm_jax import checkpoint
+from ddlm_jax import config as config_lib
+from ddlm_jax import experiment as experiment_lib
+from ddlm_jax import sharding
+from ddlm_jax import train
+from ddlm_jax.data import datasets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments import compare  # pylint: disable=g-import-not-at-top
+from experiments import diffusion_lm  # pylint: disable=g-import-not-at-top
+from experiments import mdlm_tiny  # pylint: disable=g-import-not-at-top
+from experiments import seq2seq  # pylint: disable=g-import-not-at-top
+
+# Every experiment file with each variant its get_config takes (None: the default; (): no argument).
+VARIANTS = {
+    "ar_tiny": [None],
+    "compare": [",".join(v) for v in itertools.product(compare.FAMILIES, compare.DATASETS, compare.SIZES)],
+    "d3pm_absorbing_tiny": [None],
+    "d3pm_uniform_tiny": [None],
+    "diffuseq_tiny": list(seq2seq.TASKS),
+    "diffusion_lm": list(diffusion_lm.VARIANTS),
+    "diffusion_lm_tiny": [None],
+    "mdlm_demo": [()],
+    "mdlm_tiny": [None, "char"],
+    "seq2seq": [",".join(v) for v in itertools.product(seq2seq.FAMILIES, seq2seq.TASKS, seq2seq.SIZES)],
+    "udlm_tiny": [None],
+}
+
+
+def test_the_variant_table_names_every_experiment_file():
+  files = {name[:-3] for name in os.listdir(os.path.join(ROOT, "experiments"))
+           if name.endswith(".py") and name != "__init__.py"}
+  assert files == set(VARIANTS)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_experiment_config_validates_and_builds_its_objects(name):
+  module = importlib.import_module(f"experiments.{name}")
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  rows_NL = np.random.default_rng(0).integers(0, experiment_lib.STAND_IN_VOCAB_SIZE, (8, 16))
+  for variant in VARIANTS[name]:
+    config = module.get_config() if variant == () else module.get_config(variant)
+    if config.data.source == "text_files":
+      config.data.paths = ("input.txt",)
+    config_lib.validate(config)
+    graph_settings = experiment_lib.neighbor_graph_settings(config.process)
+    graph = None if graph_settings is None else graph_settings.build(rows_NL, experiment_lib.STAND_IN_VOCAB_SIZE)
+    experiment = experiment_lib.make_experiment(config, experiment_lib.STAND_IN_VOCAB_SIZE, graph)
+    assert experiment.model.vocab_size % experiment_lib.VOCAB_MULTIPLE == 0
+    assert experiment.model.causal == (config.process.name == "autoregressive")
+    _, params, _ = experiment_lib.abstract_params(experiment.model, mesh)
+    optimizer = experiment_lib.make_optimizer(config.train)
+    assert jax.tree.leaves(jax.eval_shape(optimizer.init, params))
+
+
+@pytest.mark.parametrize("variant,edit,group,message", [
+    ("compare:udlm", dict(sample=dict(strategy="low_confidence")), "config.sample", "MASK"),
+    ("compare:mdlm", dict(sample=dict(strategy="ddim")), "config.sample", "ddim"),
+    ("compare:mdlm", dict(sample=dict(clamp=True)), "config.sample", "clamp"),
+    ("compare:ar", dict(sample=dict(strategy="ddim")), "config.sample", "ddim"),
+    ("seq2seq:diffuseq", dict(sample=dict(strategy="random")), "config.sample", "reveals tokens"),
+    ("seq2seq:ar", dict(sample=dict(guidance_scale=2.0)), "config.sample", "diffusion process"),
+    ("seq2seq:diffuseq", dict(model=dict(time_conditioning=False)), "config.model", "time_conditioning"),
+    ("compare:mdlm", dict(process=dict(schedule="loglinear", schedule_eps=0.0)), "config.process", "eps"),
+    ("seq2seq:diffuseq", dict(process=dict(latent_dim=0)), "config.process", "latent_dim"),
+    ("seq2seq:diffuseq", dict(process=dict(schedule="linear")), "config.process", "noise schedule"),
+    ("compare:d3pm_uniform", dict(process=dict(num_steps=0)), "config.process", "num_steps"),
+    ("compare:d3pm_uniform", dict(process=dict(hybrid_coeff=-0.5)), "config.process", "hybrid_coeff"),
+    ("compare:d3pm_uniform", dict(process=dict(hybrid_coeff=math.nan)), "config.process", "hybrid_coeff"),
+    ("compare:d3pm_nearest_neighbor", dict(process=dict(num_neighbors=0)), "config.process", "num_neighbors"),
+    ("compare:d3pm_nearest_neighbor", dict(process=dict(neighbor_embed_dim=0)), "config.process",
+     "neighbor_embed_dim"),
+    ("compare:mdlm", dict(sample=dict(guidance_scale=2.0)), "config.sample.guidance_scale", "pair task"),
+])
+def test_settings_the_objects_refuse_fail_validation_naming_their_group(variant, edit, group, message):
+  name, family = variant.split(":")
+  config = importlib.import_module(f"experiments.{name}").get_config(family)
+  for group_name, values in edit.items():
+    config[group_name].update(**values)
+  with pytest.raises(ValueError, match=f"^{re.escape(group)}[: ].*{message}"):
+    config_lib.validate(config)
+
+
+# The process settings that checkpoints of the previous version recorded, per family.
+OLDER_READ_KEYS = {
+    "masked": ("schedule", "schedule_eps", "antithetic_time"),
+    "gaussian": ("schedule", "antithetic_time", "num_steps", "latent_dim"),
+    "d3pm": ("schedule", "schedule_eps", "antithetic_time", "transition", "num_steps", "hybrid_coeff",
+             "num_neighbors", "neighbor_embed_dim"),
+    "autoregressive": (),
+}
+
+
+def _identity(**process):
+  config = config_lib.base_config()
+  config.process.update(**process)
+  return config_lib.run_identity(config)["process"]
+
+
+def test_run_identity_holds_the_process_fields_and_only_them():
+  masked = _identity(name="masked")
+  assert masked["type"] == "MaskedDiffusion" and masked["schedule"] == {"kind": "linear", "eps": 1e-3}
+  assert _identity(name="masked", num_steps=7, latent_dim=3, hybrid_coeff=0.5) == masked  # not read by it
+  assert _identity(name="masked", schedule_eps=1e-2) != masked
+  absorbing = _identity(name="d3pm", transition="absorbing")
+  assert _identity(name="d3pm", transition="absorbing", num_neighbors=3) == absorbing
+  neighbors = _identity(name="d3pm", transition="nearest_neighbor")
+  assert neighbors["graph"] == {"num_neighbors": 8, "embed_dim": 32}
+  assert _identity(name="d3pm", transition="nearest_neighbor", neighbor_embed_dim=4) != neighbors
+  # A field with no config key (here D3PM's max_graph_time) is part of the identity all the same.
+  d3pm_settings = config_lib.base_config().process
+  d3pm_settings.update(name="d3pm", transition="uniform")
+  process = experiment_lib.stand_in_process(d3pm_settings)
+  longer = dataclasses.replace(process, max_graph_time=5.0)
+  assert experiment_lib.process_identity(longer, None) != experiment_lib.process_identity(process, None)
+
+
+@pytest.mark.parametrize("process", [dict(name="masked"), dict(name="gaussian", schedule="cosine"),
+                                     dict(name="d3pm", transition="nearest_neighbor"), dict(name="autoregressive")])
+def test_a_saved_identity_resumes_and_older_saved_settings_still_match(process):
+  config = config_lib.base_config()
+  config.process.update(**process)
+  identity = config_lib.run_identity(config)
+  saved = json.loads(json.dumps(identity))  # as a checkpoint holds it
+  assert config_lib.saved_run_identity(saved)["process"] == identity["process"]
+  # Older versions saved the settings: all of them, or (later) those each family read.
+  every_setting = {**saved, "process": config.process.to_dict()}
+  assert config_lib.saved_run_identity(every_setting)["process"] == identity["process"]
+  read_keys = OLDER_READ_KEYS[config.process.name]
+  read_by_family = {**saved, "process": {key: config.process[key] for key in ("name",) + read_keys}}
+  assert config_lib.saved_run_identity(read_by_family)["process"] == identity["process"]
+
+
+def test_importing_the_pipeline_imports_no_training_code():
+  code = "import sys, ddlm_jax.pipeline; print('ddlm_jax.train' in sys.modules)"
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["False"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+  """A workdir with a tokenizer and a checkpoint, saved as training saves it, whose EMA differs
+  from its parameters."""
+  workdir = str(tmp_path_factory.mktemp("saved"))
+  config = mdlm_tiny.get_config("char")
+  config.data.update(num_train_docs=64, num_eval_docs=16)
+  config.train.ema_decay = 0.5
+  data = datasets.load_data(config_lib.data_config(config), workdir)
+  experiment = experiment_lib.make_experiment(config, data.tokenizer.vocab_size)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+  _, state, _ = train.init_state(experiment, config, mesh, experiment_lib.make_optimizer(config.train))
+  state = state.replace(ema_params=jax.tree.map(lambda p: p + 1.0, state.params))
+  checkpoint.save(checkpoint.make_manager(workdir), 3, state, {}, config_lib.run_identity(config), config.to_dict())
+  return workdir, jax.device_get(state)
+
+
+def test_load_restores_params_or_their_ema_without_an_optimizer(saved_run, monkeypatch):
+  workdir, state = saved_run
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError("load built an optimizer")
+
+  monkeypatch.setattr(optax, "adamw", no_optimizer)
+  for use_ema, expected in ((True, state.ema_params), (False, state.params)):
+    loaded = jax.device_get(ddlm_jax.load(workdir, use_ema=use_ema).params)
+    assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(a, b)
