@@ -238,12 +238,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tokens_per_second = 0.0
   window_start, window_step = time.perf_counter(), start_step
   stop_reason = None
+  metrics = None
   progress = tqdm.tqdm(total=train_cfg.num_steps, initial=start_step, desc="train", unit="step",
                        disable=jax.process_index() != 0, dynamic_ncols=True)
   try:
     for step in range(start_step, train_cfg.num_steps):
       batch_BL = jax.make_array_from_process_local_data(batch_sharding, next(batches))
+      previous_metrics = metrics
       state, metrics = step_fn(state, batch_BL, key)
+      # At most two steps in flight: on a CPU with several devices, a long queue of dispatched
+      # steps let device threads wait at a collective for devices whose work was queued behind.
+      jax.block_until_ready(previous_metrics)
       progress.update(1)
       done = step + 1
       stop_reason = agreed_stop_reason(stop.local_reason(), done, jax.process_count(),
