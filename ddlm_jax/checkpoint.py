@@ -14,7 +14,6 @@ from typing import Any
 from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "identity", "config")
@@ -61,9 +60,14 @@ def latest_step(workdir: str) -> int | None:
 
 
 def all_finite(tree: Any) -> bool:
-  """True if every floating-point leaf of `tree` is finite."""
-  leaves = [leaf for leaf in jax.tree.leaves(tree) if np.issubdtype(leaf.dtype, np.floating)]
-  return all(bool(jnp.isfinite(leaf).all()) for leaf in leaves)
+  """True if every floating-point leaf of `tree` is finite (one jitted reduction, one sync)."""
+  return bool(_all_finite(tree))
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves])) if leaves else jnp.array(True)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: dict,
@@ -121,8 +125,21 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
   """Restores the train state onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
+  return _restore(manager, step, ocp.args.StandardRestore(abstract_state))
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, name: str, abstract_params: Any) -> Any:
+  """Restores only the `name` subtree ('params' or 'ema_params') of a step's train state onto the
+  shardings of `abstract_params` (ShapeDtypeStructs); the optimizer state is not read."""
+  item = {name: abstract_params}
+  return _restore(manager, step, ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))[name]
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, state_args: Any) -> Any:
+  """The 'state' item of a step, restored with `state_args`; a CheckpointError if it cannot be."""
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    restored = manager.restore(step, args=ocp.args.Composite(state=state_args))
   except Exception as error:  # orbax raises many types for missing or damaged files
     raise CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be restored ({_summary(error)}). "
                           "Nothing was changed; move that step directory away to resume from an "

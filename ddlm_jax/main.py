@@ -88,9 +88,8 @@ def run(config, workdir: str, mode: str, prompts: list[str] | None) -> None:
   if mode == "eval":
     result = model.evaluate(workdir, num_samples=config.eval.elbo_samples, exact_time_sum=config.eval.exact_time_sum,
                             max_docs=config.eval.max_docs)
-    params_name = "raw" if model.config.train.ema_decay == 0 else "EMA"  # what `load` returns
-    summary = {"params": params_name, **result.summary()}
-    print(f"{params_name} parameters, {result.describe()}")
+    summary = {"params": model.params_name, **result.summary()}
+    print(f"{model.params_name} parameters, {result.describe()}")
   if mode in ("train", "sample"):
     sample = config.sample.to_dict()
     num_samples = sample.pop("num_samples")

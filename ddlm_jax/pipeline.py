@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from ddlm_jax import checkpoint
@@ -55,6 +54,7 @@ class Pipeline:
     process: the process the network was trained under (a diffusion family or the AR baseline).
     seq_len: the canvas length the network was trained on (its max_len).
     config: the experiment config.
+    params_name: which parameters these are, 'EMA' (the run's average) or 'raw'.
   """
   graphdef: nnx.GraphDef
   params: Any
@@ -62,11 +62,19 @@ class Pipeline:
   process: Any
   seq_len: int
   config: ml_collections.ConfigDict
+  params_name: str = "raw"
 
   def __post_init__(self):
     self._pairs = self.config.data.task != "lm"
-    self._nelbo_fn = experiment_lib.make_nelbo_fn(self.graphdef, self.process, pairs=self._pairs)
+    self._nelbo_fns = {}
     self._samplers = {}
+
+  def _nelbo_fn(self, exact_time_sum: bool) -> evaluate.NelboFn:
+    """The jitted bound (every step of it summed with `exact_time_sum`), built once per kind."""
+    if exact_time_sum not in self._nelbo_fns:
+      self._nelbo_fns[exact_time_sum] = experiment_lib.make_nelbo_fn(
+          self.graphdef, self.process, exact_time_sum=exact_time_sum, pairs=self._pairs)
+    return self._nelbo_fns[exact_time_sum]
 
   def _sampler(self, sampler_config: samplers.SamplerConfig, prefill_length: int, pad_after_eos: bool,
                guide_fn: guidance.GuideFn | None):
@@ -282,7 +290,7 @@ class Pipeline:
                        "model's canvas holds with its [EOS]")
     rows_NL = batching.pad_documents([prefix + ids for prefix, ids in zip(prefixes, encoded)], self.seq_len,
                                      eos_id=eos_id, pad_id=self.tokenizer.pad_id)
-    return evaluate.elbo(self._nelbo_fn, self.params, rows_NL, np.array([len(ids) for ids in encoded]),
+    return evaluate.elbo(self._nelbo_fn(exact_time_sum=False), self.params, rows_NL, np.array([len(ids) for ids in encoded]),
                          num_samples=num_samples, batch_size=min(batch_size, 1 << (len(texts) - 1).bit_length()),
                          seed=seed, exact=self.process.exact_likelihood)
 
@@ -296,8 +304,7 @@ class Pipeline:
     data = datasets.load_data(config_lib.data_config(self.config), workdir)
     eval_config = self.config.eval
     exact_time_sum = eval_config.exact_time_sum if exact_time_sum is None else exact_time_sum
-    nelbo_fn = (experiment_lib.make_nelbo_fn(self.graphdef, self.process, exact_time_sum=True, pairs=self._pairs)
-                if exact_time_sum else self._nelbo_fn)  # the jitted bound that `score` compiled already
+    nelbo_fn = self._nelbo_fn(exact_time_sum)  # the jitted bound that `score` compiled, if it ran
     return evaluate.held_out_elbo(nelbo_fn, self.params, data,
                                   num_samples=num_samples or eval_config.elbo_samples,
                                   batch_size=eval_config.batch_size, max_rows=max_docs or eval_config.max_docs,
@@ -318,21 +325,8 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True) -> Pipelin
                                               experiment_lib.load_neighbor_graph(workdir))
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
   graphdef, params, shardings = experiment_lib.abstract_params(experiment.model, mesh)
-  name = "ema_params" if use_ema and config.train.ema_decay > 0 else "params"
-  params = _restore_params(manager, step, name, jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings))
+  ema = use_ema and config.train.ema_decay > 0
+  params = checkpoint.restore_params(manager, step, "ema_params" if ema else "params",
+                                     sharding.abstract(params, shardings))
   return Pipeline(graphdef=graphdef, params=params, tokenizer=tokenizer, process=experiment.process,
-                  seq_len=experiment.data.seq_len, config=config)
-
-
-def _restore_params(manager: ocp.CheckpointManager, step: int, name: str, abstract_params: Any) -> Any:
-  """The `name` subtree ('params' or 'ema_params') of a step's train state, onto the shardings of
-  `abstract_params` (ShapeDtypeStructs); the optimizer state and the rest are not read."""
-  item = {name: abstract_params}
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-  except Exception as error:  # orbax raises many types for missing or damaged files
-    raise checkpoint.CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be restored "
-                                     f"({error})") from error
-  return restored["state"][name]
+                  seq_len=experiment.data.seq_len, config=config, params_name="EMA" if ema else "raw")

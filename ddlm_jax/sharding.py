@@ -15,6 +15,7 @@ Typical use:
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -204,3 +205,8 @@ def abstract_model(config: transformer.TransformerConfig) -> tuple[nnx.GraphDef,
   Call it outside `jax.set_mesh`: under a mesh NNX would resolve the logical names as mesh axes.
   """
   return nnx.eval_shape(lambda: nnx.split(transformer.Transformer(config, rngs=nnx.Rngs(0)), nnx.Param))
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (an orbax restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

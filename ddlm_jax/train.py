@@ -87,7 +87,7 @@ def abstract_state(experiment: experiment_lib.Experiment, config: ml_collections
                      opt_state=jax.eval_shape(optimizer.init, params),
                      ema_params=params if config.train.ema_decay > 0 else None)
   shardings = state_shardings(state, mesh, param_shardings)
-  return graphdef, abstract(state, shardings), shardings
+  return graphdef, sharding.abstract(state, shardings), shardings
 
 
 def init_state(experiment: experiment_lib.Experiment, config: ml_collections.ConfigDict,
@@ -116,10 +116,6 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, param_shardings)
   return TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings,
                     ema_params=None if state.ema_params is None else param_shardings)
 
-
-def abstract(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (an orbax restore target)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 # Why a run stops early, least urgent first: processes that disagree act on the most urgent reason.
@@ -204,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   graphdef, state, shardings = init_state(experiment, config, mesh, optimizer)
   if latest is not None:
-    state = checkpoint.restore_state(manager, latest, abstract(state, shardings))
+    state = checkpoint.restore_state(manager, latest, sharding.abstract(state, shardings))
     batches.set_state(saved["data"])
     print(f"Resumed from step {latest} in {workdir}", flush=True)
 

@@ -172,13 +172,11 @@ class Points:
 
   Attributes:
     z_BLD: z_t, float32[B, L, D]; fixed positions hold their clean embedding.
-    clean_BLD: the clean embeddings of the fixed tokens, float32[B, L, D] (read at fixed positions).
     fixed_tokens_BL: int32[B, L], the tokens of the fixed positions.
     fixed_BL: bool[B, L], the positions no step changes.
     table_VD: the normalised embedding table float32[V, D] (clamping, rounding, null condition).
   """
   z_BLD: jax.Array
-  clean_BLD: jax.Array
   fixed_tokens_BL: jax.Array
   fixed_BL: jax.Array
   table_VD: jax.Array
@@ -186,6 +184,10 @@ class Points:
   @property
   def network_input(self) -> jax.Array:
     return self.z_BLD
+
+  def moved_to(self, z_BLD: jax.Array) -> "Points":
+    """These points with their free positions at z_BLD (fixed ones keep their clean embedding)."""
+    return self.replace(z_BLD=hold(z_BLD, self.table_VD[self.fixed_tokens_BL], self.fixed_BL))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,8 +365,8 @@ class GaussianDiffusion:
     table_VD = self.table(model.embeddings_VD)
     clean_BLD = table_VD[fixed_tokens_BL]
     noise_BLD = jax.vmap(lambda row_key: jax.random.normal(row_key, clean_BLD.shape[1:]))(row_keys_B)
-    return Points(z_BLD=hold(noise_BLD, clean_BLD, fixed_BL), clean_BLD=clean_BLD,
-                  fixed_tokens_BL=fixed_tokens_BL, fixed_BL=fixed_BL, table_VD=table_VD)
+    return Points(z_BLD=hold(noise_BLD, clean_BLD, fixed_BL), fixed_tokens_BL=fixed_tokens_BL, fixed_BL=fixed_BL,
+                  table_VD=table_VD)
 
   def reverse_step(self, state: Points, z0_hat_BLD: jax.Array, t: jax.Array, s: jax.Array,
                    step_keys_B: jax.Array, settings: base.StepSettings,
@@ -380,7 +382,7 @@ class GaussianDiffusion:
     if guide_fn is not None:
       mean_BLD = guide_fn(mean_BLD, posterior_var, jnp.full((batch_size,), s), ~state.fixed_BL)
     noise_BLD = jax.vmap(lambda step_key: jax.random.normal(step_key, state.z_BLD.shape[1:]))(step_keys_B)
-    return state.replace(z_BLD=hold(mean_BLD + jnp.sqrt(noise_var) * noise_BLD, state.clean_BLD, state.fixed_BL))
+    return state.moved_to(mean_BLD + jnp.sqrt(noise_var) * noise_BLD)
 
   def clean_input(self, state: Points, token_id: int) -> jax.Array:
     """The network reads a clean token as its normalised embedding, float32[D]."""

@@ -66,13 +66,18 @@ class MaskedDiffusion(base.CanvasReadout):
       masked_BL &= ~keep_BL
     return jnp.where(masked_BL, self.mask_id, x0_BL)
 
-  def denoiser_log_probs(self, logits_BLW: jax.Array, xt_BL: jax.Array, t: jax.Array) -> jax.Array:
-    """log p(x_0 | x_t), float32[B, L, V]: the network's softmax without [MASK] at masked positions,
-    the token itself (carried over) at clean ones; t is not read."""
-    del t
+  def masked_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
+    """log p(x_0 | x_t) at a masked position: the network's softmax without [MASK], float32[B, L, V]
+    (what the bound and the ancestral step read; they never read a clean position's)."""
     logits_BLV = logits_BLW[..., :self.vocab_size].astype(jnp.float32).at[..., self.mask_id].set(-jnp.inf)
+    return jax.nn.log_softmax(logits_BLV, axis=-1)
+
+  def denoiser_log_probs(self, logits_BLW: jax.Array, xt_BL: jax.Array, t: jax.Array) -> jax.Array:
+    """log p(x_0 | x_t), float32[B, L, V]: `masked_log_probs` at masked positions, the token itself
+    (carried over) at clean ones; t is not read."""
+    del t
     clean_BLV = jnp.where(jax.nn.one_hot(xt_BL, self.vocab_size, dtype=bool), 0.0, -jnp.inf)
-    return jnp.where((xt_BL == self.mask_id)[..., None], jax.nn.log_softmax(logits_BLV, axis=-1), clean_BLV)
+    return jnp.where((xt_BL == self.mask_id)[..., None], self.masked_log_probs(logits_BLW), clean_BLV)
 
   def prior_nats_per_token(self) -> float:
     """KL(q(x_1 | x_0) || p(x_1)) per token; zero when alpha(1) = 0. A Python number (static under jit)."""
@@ -95,7 +100,7 @@ class MaskedDiffusion(base.CanvasReadout):
     if t_B is None:
       t_B = base.sample_times(t_key, x0_BL.shape[0], self.antithetic_time)
     xt_BL = self.corrupt(x0_BL, t_B, mask_key, keep_BL=prompt_mask_BL)
-    nll_BL = -base.token_log_likelihood(self.denoiser_log_probs(model_fn(xt_BL, t_B), xt_BL, t_B), x0_BL)
+    nll_BL = -base.token_log_likelihood(self.masked_log_probs(model_fn(xt_BL, t_B)), x0_BL)  # read where masked
     num_tokens_B = base.scored_mask(x0_BL, prompt_mask_BL).sum(axis=-1).astype(jnp.float32)
     masked_BL = xt_BL == self.mask_id
     diffusion_nats_B = self.schedule.loss_weight(t_B) * jnp.where(masked_BL, nll_BL, 0.0).sum(-1)
@@ -121,7 +126,7 @@ class MaskedDiffusion(base.CanvasReadout):
     `unmask_prob(t, s)`, as a draw from p(x_0 | x_t) with settings.draw; clean tokens stay."""
     canvas_BL = state.tokens_BL
     token_u_BL, choice_u_BL = base.step_uniforms(step_keys_B, canvas_BL.shape[1])
-    candidates_BL = settings.draw(self.denoiser_log_probs(logits_BLW, canvas_BL, t), token_u_BL)
+    candidates_BL = settings.draw(self.masked_log_probs(logits_BLW), token_u_BL)  # kept where masked only
     reveal_BL = (canvas_BL == self.mask_id) & (choice_u_BL < self.unmask_prob(t, s))
     return state.moved_to(jnp.where(reveal_BL, candidates_BL, canvas_BL))
 
