@@ -16,6 +16,7 @@ import pytest
 import ddlm_jax
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
+from ddlm_jax import evaluate
 from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import schedules
 from ddlm_jax import sharding
@@ -352,9 +353,13 @@ def tiny_model_run(process: dict, ema_decay: float = 0.0):
 @pytest.mark.parametrize("process", PROCESS_SETTINGS, ids=lambda p: "-".join(map(str, p.values())))
 def test_every_process_and_schedule_trains_and_bounds_under_jit(process):
   experiment, graphdef, state, step_fn, rows_BL = tiny_model_run(process)
+  initial_params = jax.device_get(state.params)
   for _ in range(2):
     state, metrics = step_fn(state, rows_BL, jax.random.key(1))
     assert np.isfinite(float(metrics["loss"])), metrics
+  assert int(state.step) == 2 and float(metrics["grad_norm"]) > 0
+  moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial_params))]
+  assert max(moved) > 0  # the optimizer's updates reached the parameters
   nats_B = experiment_lib.make_nelbo_fn(graphdef, experiment.process)(state.params, rows_BL, jax.random.key(2))
   assert nats_B.shape == (4,) and np.isfinite(np.asarray(nats_B)).all(), nats_B
 
@@ -373,7 +378,15 @@ def test_first_ema_update_follows_the_new_parameters():
   assert_trees_close(state.ema_params, expected, atol=1e-6)
 
 
-def test_ema_run_evaluates_and_loads_the_ema(tmp_path, capsys):
+def test_ema_run_evaluates_and_loads_the_ema(tmp_path, capsys, monkeypatch):
+  evaluated = []  # the parameters of every held-out evaluation of the run
+  real_held_out_elbo = evaluate.held_out_elbo
+
+  def recording_held_out_elbo(nelbo_fn, params, *args, **kwargs):
+    evaluated.append(jax.device_get(params))
+    return real_held_out_elbo(nelbo_fn, params, *args, **kwargs)
+
+  monkeypatch.setattr(evaluate, "held_out_elbo", recording_held_out_elbo)
   workdir = str(tmp_path)
   summary = train.train_and_evaluate(tiny_config(ema_decay=0.99, num_steps=10, eval_every=5), workdir)
   assert summary["params"] == "EMA"
@@ -383,6 +396,43 @@ def test_ema_run_evaluates_and_loads_the_ema(tmp_path, capsys):
   ema, raw = ddlm_jax.load(workdir).params, ddlm_jax.load(workdir, use_ema=False).params
   gaps = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw))]
   assert max(gaps) > 1e-6  # two different sets of parameters, and the EMA is the default
+  assert len(evaluated) == 2  # at step 5 and at the end
+  assert_trees_close(evaluated[-1], ema, atol=0)  # the final evaluation scored the EMA that load returns
+
+
+def test_the_training_loop_stops_where_the_processes_agree(tmp_path, monkeypatch):
+  asked = []
+
+  def agreement(local_reason, step, process_count, gather):  # another process got SIGTERM at step 10
+    asked.append(step)
+    return "SIGTERM" if step == train.STOP_AGREEMENT_EVERY else local_reason
+
+  monkeypatch.setattr(train, "agreed_stop_reason", agreement)
+  summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert summary == {"step": train.STOP_AGREEMENT_EVERY, "stopped": "SIGTERM"}
+  assert asked == list(range(1, train.STOP_AGREEMENT_EVERY + 1))  # asked after every step, acted on the answer
+
+
+class _RowsSeen:
+  """A process whose loss reports the rows and prompt mask the train step hands it."""
+
+  def loss(self, model_fn, rows_BL, key, prompt_mask_BL):
+    del key
+    logits_BLW = model_fn(rows_BL, jnp.zeros(rows_BL.shape[:1]))
+    loss = jnp.mean(logits_BLW ** 2)
+    return loss, {"loss": loss, "rows": rows_BL, "prompt_mask": prompt_mask_BL}
+
+
+def test_jitted_train_step_drops_the_condition_of_a_pair_row():
+  _, graphdef, state, _, _ = tiny_model_run(dict(name="masked"))
+  eos, pad = tokenizers.EOS_ID, tokenizers.PAD_ID
+  rows_BL = jnp.array([[7, 8, eos, 9, 10, eos] + [pad] * 10] * 4, jnp.int32)
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, optimizer=experiment_lib.make_optimizer(
+      config_lib.base_config().train), process=_RowsSeen(), ema_decay=0.0, pairs=True, condition_dropout=1.0))
+  _, metrics = step(state, rows_BL, jax.random.key(0))
+  seen_BL = np.asarray(metrics["rows"])
+  assert (seen_BL[:, :2] == pad).all() and (seen_BL[:, 2:] == np.asarray(rows_BL)[:, 2:]).all()
+  assert (np.asarray(metrics["prompt_mask"]) == (np.arange(16) < 3)).all()  # the source and its [EOS]
 
 
 def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -407,6 +457,9 @@ def test_checkpoint_save_refuses_a_non_finite_state(tmp_path):
   checkpoint.save(manager, 1, {"w": jnp.ones(3)}, {}, {}, {})
   with pytest.raises(FloatingPointError, match=r"step 2 holds NaN or Inf.*step 1"):
     checkpoint.save(manager, 2, {"w": jnp.array([1.0, jnp.inf, 0.0])}, {}, {}, {})
+  with pytest.raises(FloatingPointError, match="step 3 holds NaN"):  # in any part of the state, e.g. the EMA
+    checkpoint.save(manager, 3, {"w": jnp.ones(3), "ema": {"w": jnp.array([jnp.nan])}, "step": jnp.array(3)},
+                    {}, {}, {})
   assert manager.all_steps() == [1]
 
 
