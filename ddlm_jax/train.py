@@ -1,6 +1,7 @@
 """Training: the pure jitted train step and the loop that runs an experiment in a workdir.
 
-  state, metrics = train_step(state, batch_BL, key)
+  step_fn = make_train_step(experiment, graphdef, optimizer, mesh, shardings)
+  state, metrics = step_fn(state, batch_BL, key)
 
 is one jitted function with in/out shardings and a donated state. `train_and_evaluate(config,
 workdir)` builds data, mesh, model and optimizer from the config, resumes from the workdir's
@@ -67,6 +68,22 @@ def train_step(state: TrainState, batch_BL: jax.Array, key: jax.Array, *, graphd
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
   metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
+
+
+def make_train_step(experiment: experiment_lib.Experiment, graphdef: nnx.GraphDef,
+                    optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh, shardings: TrainState, *,
+                    ema_decay: float = 0.0, condition_dropout: float = 0.0) -> Callable:
+  """The step `train_and_evaluate` runs: `train_step` jitted with the state's shardings (from
+  `init_state`), the batch split over the mesh's data axes, and the state donated.
+
+    step_fn = make_train_step(experiment, graphdef, optimizer, mesh, shardings)
+    state, metrics = step_fn(state, batch_BL, key)   # state is consumed; metrics replicated
+  """
+  step = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, process=experiment.process,
+                           ema_decay=ema_decay, pairs=experiment.data.task != "lm",
+                           condition_dropout=condition_dropout)
+  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def warmed_up_ema_decay(step: jax.Array, ema_decay: float) -> jax.Array:
@@ -205,12 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f"Resumed from step {latest} in {workdir}", flush=True)
 
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, process=experiment.process,
-                        ema_decay=train_cfg.ema_decay, pairs=experiment.data.task != "lm",
-                        condition_dropout=train_cfg.condition_dropout),
-      in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = make_train_step(experiment, graphdef, optimizer, mesh, shardings, ema_decay=train_cfg.ema_decay,
+                            condition_dropout=train_cfg.condition_dropout)
   key = jax.random.key(config.seed)
   nelbo_fn = experiment_lib.make_nelbo_fn(graphdef, experiment.process, mesh, config.eval.exact_time_sum,
                                           pairs=experiment.data.task != "lm")

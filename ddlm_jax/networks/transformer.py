@@ -340,19 +340,27 @@ def num_params(config: TransformerConfig) -> int:
   return total
 
 
-def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+def flops_per_token(config: TransformerConfig, seq_len: int, vocab_size: int | None = None) -> float:
   """Training FLOPs per token (forward + backward), PaLM-appendix style.
 
   6 * N + 12 * num_layers * embed_dim * seq_len, where
   N = num_layers * (4 D^2 + 2 D F) + D V (+ 2 D E - D V with latent_dim E)
   counts the weights of the per-token matmuls (attention projections, MLP,
-  input and output projections); the embedding lookup,
-  norms and the per-sequence time conditioning are left out. The second term is
-  the q.k and probs.v matmuls over the full L x L score matrix (the causal mask
-  does not skip any work here).
+  input and output projections); the embedding lookup, norms and the
+  per-sequence time conditioning are left out. The second term is the q.k and
+  probs.v matmuls over the full L x L score matrix (also for a causal model,
+  as PaLM counts it).
+
+  Args:
+    config: the network.
+    seq_len: L.
+    vocab_size: the real vocabulary V counted in the output projection; the
+      ids the network's vocabulary is padded with are not useful work
+      (default: all config.vocab_size ids).
   """
   d, f = config.embed_dim, config.mlp_dim
+  output_dim = config.latent_dim or (config.vocab_size if vocab_size is None else vocab_size)
   matmul_params = (config.num_layers * (4 * d * d + 2 * d * f)
-                   + d * config.output_dim
+                   + d * output_dim
                    + d * config.latent_dim)  # the input projection
   return float(6 * matmul_params + 12 * config.num_layers * d * seq_len)
