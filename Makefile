@@ -28,6 +28,7 @@ $(VENV)/.bench-installed: $(STAMP)
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.train_throughput
+	$(BIN)/python -m benchmarks.decode_throughput
 	$(BIN)/python -m benchmarks.sampler_overhead
 
 clean:

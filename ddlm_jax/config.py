@@ -70,6 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512,
       time_conditioning=False, dropout_rate=0.0, remat=False, dtype="float32",
+      # How attention is computed (same results; see networks/layers.attention): 'xla' | 'chunked'
+      # (causal attention skips the masked blocks) | 'cudnn' (NVIDIA GPUs, dtype bfloat16).
+      attention="xla", attention_chunk_size=128,
+      # The network's vocabulary is padded to a multiple of vocab_multiple (the process ignores the
+      # extra logits; 1: no padding); with mesh.tensor > 1 it must be a multiple of mesh.tensor.
+      vocab_multiple=experiment_lib.VOCAB_MULTIPLE,
   ))
 
   config.process = ml_collections.ConfigDict(dict(
@@ -143,6 +149,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     experiment_lib.model_config(config, process)
   with _errors_named("config.mesh"):
     sharding.MeshConfig(**config.mesh.to_dict())
+  if config.mesh.tensor > 1 and config.model.vocab_multiple % config.mesh.tensor:
+    raise ValueError(f"config.model.vocab_multiple={config.model.vocab_multiple} must be a multiple of "
+                     f"config.mesh.tensor={config.mesh.tensor}: the vocabulary is split over the tensor axis")
   with _errors_named("config.sample"):
     sampler = sampler_config(config)
     sampler.max_blocks(config.data.seq_len)
@@ -195,7 +204,7 @@ def run_identity(config: ml_collections.ConfigDict) -> dict:
   the data order or the random keys, and the fingerprint of the texts (`datasets.texts_fingerprint`:
   an edited text file is other data). Step counts (a changed train.num_steps is logged), logging,
   evaluation and sampling may change. Reads the data's text files, if any."""
-  return {"seed": config.seed, "data": config.data.to_dict(), "model": config.model.to_dict(),
+  return {"seed": config.seed, "data": config.data.to_dict(), "model": _model_identity(config.model.to_dict()),
           "process": _process_identity(config.process.to_dict()), "train.batch_size": config.train.batch_size,
           "train.ema_decay": config.train.ema_decay, "train.condition_dropout": config.train.condition_dropout,
           "data_fingerprint": datasets.texts_fingerprint(data_config(config))}
@@ -204,12 +213,23 @@ def run_identity(config: ml_collections.ConfigDict) -> dict:
 def saved_run_identity(identity: dict, current: dict | None = None) -> dict:
   """A run identity read from a checkpoint, reduced to what `run_identity` compares today. Older
   versions saved every process setting, also those the family does not read, and lack the keys
-  added since: data and training settings take their defaults, and a missing data fingerprint,
-  which nothing can recover, is taken from `current` (the identity of the run that resumes)."""
+  added since: data, model and training settings take their defaults, and a missing data
+  fingerprint, which nothing can recover, is taken from `current` (the identity of the run that
+  resumes)."""
   defaults = {key: value for key, value in run_identity(base_config()).items() if key != "data_fingerprint"}
   missing = {} if current is None else {"data_fingerprint": current["data_fingerprint"]}
   return {**defaults, **missing, **identity, "process": _process_identity(identity["process"]),
-          "data": {**defaults["data"], **identity["data"]}}
+          "data": {**defaults["data"], **identity["data"]},
+          "model": _model_identity({**defaults["model"], **identity["model"]})}
+
+
+# Model settings that change how the network is computed, not what it computes: a run may resume
+# with others.
+COMPUTATION_ONLY_MODEL_KEYS = ("remat", "attention", "attention_chunk_size")
+
+
+def _model_identity(model: dict) -> dict:
+  return {key: value for key, value in model.items() if key not in COMPUTATION_ONLY_MODEL_KEYS}
 
 
 def _process_identity(process: dict) -> dict:

@@ -1,9 +1,12 @@
 """The one place an experiment config becomes objects: the process, the network's settings, the
-optimizer, D3PM's neighbour graph, and the model function of a network's parameters.
+optimizer, D3PM's neighbour graph, the model function of a network's parameters, and the tokens
+it samples.
 
   experiment = make_experiment(config, tokenizer.vocab_size, graph)
   model_fn = bind(graphdef, params)                 # (x_t_BL, t_B) -> logits_BLV
   nelbo_fn = make_nelbo_fn(graphdef, experiment.process)
+  tokens_BL = generate_tokens(graphdef, params, experiment.process, sampler_config,
+                              fixed_tokens_BL, fixed_BL, key)
 
 `config.validate` builds the same objects over a stand-in vocabulary (`stand_in_process`), so each
 setting is checked by the object that reads it. Inference needs no optimizer: `make_optimizer` is
@@ -22,6 +25,8 @@ from flax import nnx
 
 from ddlm_jax import config as config_lib
 from ddlm_jax import evaluate
+from ddlm_jax import guidance
+from ddlm_jax import samplers
 from ddlm_jax import schedules
 from ddlm_jax import sharding
 from ddlm_jax.data import datasets
@@ -34,8 +39,8 @@ from ddlm_jax.processes import gaussian
 from ddlm_jax.processes import masked
 from ddlm_jax.processes import uniform
 
-# The network's vocabulary is padded to a multiple of this so that it splits over any tensor axis;
-# the process ignores the extra logits.
+# The default of config.model.vocab_multiple: the network's vocabulary is padded to a multiple of
+# this so that it splits over any tensor axis; the process ignores the extra logits.
 VOCAB_MULTIPLE = 128
 # The vocabulary that validation builds a config's objects over, before any tokenizer exists: the
 # special ids and a few more.
@@ -136,15 +141,18 @@ def process_identity(process, graph_settings: NeighborGraphSettings | None) -> d
 
 def model_config(config: ml_collections.ConfigDict, process) -> transformer.TransformerConfig:
   """The network of `config.model` that `process` trains: causal for the autoregressive baseline,
-  over embeddings (time-conditioned) for the Gaussian family, its vocabulary padded to
-  VOCAB_MULTIPLE."""
+  over embeddings (time-conditioned) for the Gaussian family, its vocabulary padded to a multiple
+  of `config.model.vocab_multiple`."""
   latent_dim = process.latent_dim if isinstance(process, gaussian.GaussianDiffusion) else 0
   if latent_dim and not config.model.time_conditioning:
     raise ValueError("process 'gaussian' needs time_conditioning=True")
-  padded_vocab_size = -(-process.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  network_settings = config.model.to_dict()
+  vocab_multiple = network_settings.pop("vocab_multiple")
+  if isinstance(vocab_multiple, bool) or not isinstance(vocab_multiple, int) or vocab_multiple < 1:
+    raise ValueError(f"vocab_multiple must be an integer >= 1 (1: no padding), got {vocab_multiple!r}")
+  padded_vocab_size = -(-process.vocab_size // vocab_multiple) * vocab_multiple
   return transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=config.data.seq_len,
-                                       causal=process.causal_network, latent_dim=latent_dim,
-                                       **config.model.to_dict())
+                                       causal=process.causal_network, latent_dim=latent_dim, **network_settings)
 
 
 def make_experiment(config: ml_collections.ConfigDict, vocab_size: int,
@@ -211,6 +219,58 @@ def bind(graphdef: nnx.GraphDef, params: nnx.State,
   if model.config.latent_dim:
     return gaussian.EmbeddingModel(model_fn, model.embedding[...])
   return model_fn
+
+
+def generate_tokens(graphdef: nnx.GraphDef, params: nnx.State, process, sampler_config: samplers.SamplerConfig,
+                    fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array, *,
+                    row_ids_B: jax.Array | None = None, condition_BL: jax.Array | None = None,
+                    null_id: int | None = None, guide_fn: guidance.GuideFn | None = None,
+                    eos_id: int | None = None, pad_id: int | None = None, prefill_length: int = 0):
+  """Token ids sampled from the network under `process`, without a checkpoint or tokenizer:
+  KV-cache decoding (`samplers.decode` over `transformer.make_decoder`) for the autoregressive
+  baseline, the scan sampler (`samplers.sample`) for a diffusion process. Pure; jit it with
+  everything but the arrays static, e.g. on freshly initialised parameters:
+
+    experiment = make_experiment(config, vocab_size)
+    graphdef, params = nnx.split(transformer.Transformer(experiment.model, rngs=nnx.Rngs(0)), nnx.Param)
+    sample_fn = jax.jit(lambda params, fixed_tokens_BL, fixed_BL, key: generate_tokens(
+        graphdef, params, experiment.process, samplers.SamplerConfig(steps=32), fixed_tokens_BL, fixed_BL, key))
+    fixed_BL = jnp.zeros((4, 32), bool).at[:, :2].set(True)  # the first two positions of each row...
+    tokens_BL = sample_fn(params, jnp.where(fixed_BL, 7, 0), fixed_BL, jax.random.key(0))  # ...are id 7
+
+  Args:
+    graphdef, params: the network (`nnx.merge(graphdef, params)`); params may be sharded
+      (`sharding.create_sharded_model`).
+    process: the process the network is trained under (`Experiment.process`).
+    sampler_config: sampler settings; the autoregressive baseline reads only the token draw
+      (temperature, top_k, top_p) and refuses guidance and record_trajectory.
+    fixed_tokens_BL: int32[B, L], tokens at fixed positions (ignored elsewhere).
+    fixed_BL: bool[B, L], positions that are never changed (prompt, constraints).
+    key: PRNG key.
+    row_ids_B: int32[B] identities of the rows for their randomness; defaults to 0..B-1.
+    condition_BL, null_id: classifier-free guidance's condition positions and null token.
+    guide_fn: classifier guidance (the Gaussian family).
+    eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD].
+    prefill_length: the autoregressive baseline only: positions [0, P), fixed in every row, are
+      fed as one chunk (`samplers.decode`).
+
+  Returns:
+    tokens int32[B, L]; with `sampler_config.record_trajectory` (diffusion only), also the tokens
+    after every step int32[steps, B, L].
+  """
+  if not process.causal_network:
+    if prefill_length:
+      raise ValueError(f"prefill_length applies to autoregressive decoding, not to {type(process).__name__}")
+    return samplers.sample(bind(graphdef, params), process, sampler_config, fixed_tokens_BL, fixed_BL, key,
+                           row_ids_B, eos_id=eos_id, pad_id=pad_id, condition_BL=condition_BL, null_id=null_id,
+                           guide_fn=guide_fn)
+  samplers.check_sampler(process, sampler_config, guide_fn=guide_fn)
+  if sampler_config.record_trajectory:
+    raise ValueError("record_trajectory needs a diffusion process; the autoregressive baseline writes one "
+                     "token per step")
+  cache, step_fn = transformer.make_decoder(graphdef, params, *fixed_BL.shape)
+  return samplers.decode(step_fn, cache, process, sampler_config, fixed_tokens_BL, fixed_BL, key, row_ids_B,
+                         eos_id=eos_id, pad_id=pad_id, prefill_length=prefill_length)
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:

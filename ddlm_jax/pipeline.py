@@ -20,7 +20,6 @@ from ddlm_jax.data import batching
 from ddlm_jax.data import datasets
 from ddlm_jax.data import pairs
 from ddlm_jax.data import tokenizers
-from ddlm_jax.networks import transformer
 
 
 def _split_guide(guide_fn: guidance.GuideFn | None) -> tuple[list, Any]:
@@ -78,10 +77,10 @@ class Pipeline:
 
   def _sampler(self, sampler_config: samplers.SamplerConfig, prefill_length: int, pad_after_eos: bool,
                guide_fn: guidance.GuideFn | None):
-    """The jitted sampler of one configuration (compiled once per batch and length): the scan
-    sampler of a diffusion process, KV-cache decoding (after a prefill of the rows' common
-    prompt prefix) for the autoregressive baseline. A guide's arrays are arguments of the jitted
-    function (`_split_guide`), so guides of one structure share it whatever their parameters."""
+    """The jitted `experiment.generate_tokens` of one configuration (compiled once per batch and
+    length; for the autoregressive baseline, after a prefill of the rows' common prompt prefix). A
+    guide's arrays are arguments of the jitted function (`_split_guide`), so guides of one
+    structure share it whatever their parameters."""
     guide_static = _split_guide(guide_fn)[1]
     name = (sampler_config, prefill_length, pad_after_eos, guide_static)
     if name in self._samplers:
@@ -89,14 +88,10 @@ class Pipeline:
     special_ids = dict(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id) if pad_after_eos else {}
 
     def run(params, fixed_tokens_BL, fixed_BL, condition_BL, key, row_ids_B, guide_arrays):
-      if self.process.causal_network:
-        cache, step_fn = transformer.make_decoder(self.graphdef, params, *fixed_BL.shape)
-        return samplers.decode(step_fn, cache, self.process, sampler_config, fixed_tokens_BL, fixed_BL, key,
-                               row_ids_B, prefill_length=prefill_length, **special_ids)
-      return samplers.sample(experiment_lib.bind(self.graphdef, params), self.process, sampler_config,
-                             fixed_tokens_BL, fixed_BL, key, row_ids_B, condition_BL=condition_BL,
-                             null_id=self.tokenizer.pad_id, guide_fn=_join_guide(guide_arrays, guide_static),
-                             **special_ids)
+      return experiment_lib.generate_tokens(
+          self.graphdef, params, self.process, sampler_config, fixed_tokens_BL, fixed_BL, key, row_ids_B=row_ids_B,
+          condition_BL=condition_BL, null_id=self.tokenizer.pad_id, guide_fn=_join_guide(guide_arrays, guide_static),
+          prefill_length=prefill_length, **special_ids)
     self._samplers[name] = jax.jit(run)
     return self._samplers[name]
 
@@ -170,9 +165,6 @@ class Pipeline:
       raise ValueError("guidance_scale (classifier-free guidance) needs a condition, and generate has none: use "
                        "translate(sources, guidance_scale=...) on a model trained on a pair task with "
                        "config.train.condition_dropout (or guide_fn= for classifier guidance)")
-    if record_trajectory and self.process.causal_network:
-      raise ValueError("record_trajectory needs a diffusion process; the autoregressive baseline writes one "
-                       "token per step")
     num_texts = (len(prompts) if prompts is not None else len(constraints) if constraints is not None
                  else self.config.sample.num_samples if num_samples is None else num_samples)
     if num_texts < 1:

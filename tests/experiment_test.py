@@ -11,17 +11,22 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import ddlm_jax
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
 from ddlm_jax import experiment as experiment_lib
+from ddlm_jax import samplers
 from ddlm_jax import sharding
 from ddlm_jax import train
 from ddlm_jax.data import datasets
+from ddlm_jax.data import tokenizers
+from ddlm_jax.networks import transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -65,7 +70,7 @@ def test_every_experiment_config_validates_and_builds_its_objects(name):
     graph_settings = experiment_lib.neighbor_graph_settings(config.process)
     graph = None if graph_settings is None else graph_settings.build(rows_NL, experiment_lib.STAND_IN_VOCAB_SIZE)
     experiment = experiment_lib.make_experiment(config, experiment_lib.STAND_IN_VOCAB_SIZE, graph)
-    assert experiment.model.vocab_size % experiment_lib.VOCAB_MULTIPLE == 0
+    assert experiment.model.vocab_size % config.model.vocab_multiple == 0
     assert experiment.model.causal == (config.process.name == "autoregressive")
     _, params, _ = experiment_lib.abstract_params(experiment.model, mesh)
     optimizer = experiment_lib.make_optimizer(config.train)
@@ -90,6 +95,9 @@ def test_every_experiment_config_validates_and_builds_its_objects(name):
     ("compare:d3pm_nearest_neighbor", dict(process=dict(neighbor_embed_dim=0)), "config.process",
      "neighbor_embed_dim"),
     ("compare:mdlm", dict(sample=dict(guidance_scale=2.0)), "config.sample.guidance_scale", "pair task"),
+    ("compare:mdlm", dict(model=dict(vocab_multiple=0)), "config.model", "vocab_multiple must be an integer >= 1"),
+    ("compare:mdlm", dict(model=dict(vocab_multiple=3), mesh=dict(data=1, tensor=2)), "config.model.vocab_multiple=3",
+     "multiple of config.mesh.tensor=2"),
 ])
 def test_settings_the_objects_refuse_fail_validation_naming_their_group(variant, edit, group, message):
   name, family = variant.split(":")
@@ -98,6 +106,28 @@ def test_settings_the_objects_refuse_fail_validation_naming_their_group(variant,
     config[group_name].update(**values)
   with pytest.raises(ValueError, match=f"^{re.escape(group)}[: ].*{message}"):
     config_lib.validate(config)
+
+
+def test_vocab_multiple_pads_the_networks_vocabulary():
+  config = config_lib.base_config()
+  process = experiment_lib.make_process(config.process, 37)
+  padded = {}
+  for multiple in (1, 8, 128):
+    config.model.vocab_multiple = multiple
+    padded[multiple] = experiment_lib.model_config(config, process).vocab_size
+  assert padded == {1: 37, 8: 40, 128: 128}
+
+
+def test_a_checkpoint_saved_before_vocab_multiple_existed_resumes_with_the_default_only():
+  current = config_lib.run_identity(config_lib.base_config())
+  older = json.loads(json.dumps(current))
+  del older["model"]["vocab_multiple"]  # its vocabulary was padded to 128, today's default
+  checkpoint.check_identity(config_lib.saved_run_identity(older, current), current, "workdir")
+  unpadded_config = config_lib.base_config()
+  unpadded_config.model.vocab_multiple = 1
+  unpadded = config_lib.run_identity(unpadded_config)
+  with pytest.raises(checkpoint.CheckpointError, match="model.vocab_multiple: checkpoint 128 vs now 1"):
+    checkpoint.check_identity(config_lib.saved_run_identity(older, unpadded), unpadded, "workdir")
 
 
 # The process settings that checkpoints of the previous version recorded, per family.
@@ -187,3 +217,67 @@ def test_load_restores_params_or_their_ema_without_an_optimizer(saved_run, monke
     assert jax.tree.structure(loaded) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected)):
       np.testing.assert_array_equal(a, b)
+
+
+def untrained_network(process_name: str, length: int = 12):
+  """(graphdef, params, process) of a freshly initialised one-layer network trained by the process."""
+  config = config_lib.base_config()
+  config.process.name = process_name
+  config.data.seq_len = length
+  config.model.update(num_layers=1, num_heads=2, embed_dim=16, mlp_dim=32, vocab_multiple=1)
+  experiment = experiment_lib.make_experiment(config, experiment_lib.STAND_IN_VOCAB_SIZE)
+  graphdef, params = nnx.split(transformer.Transformer(experiment.model, rngs=nnx.Rngs(0)), nnx.Param)
+  return graphdef, params, experiment.process
+
+
+def prompted_canvas(batch_size: int = 3, length: int = 12) -> tuple[jax.Array, jax.Array]:
+  """(fixed tokens, fixed mask) [B, L]: two prompt tokens in every row, one more in row 0 at position 7."""
+  fixed_BL = np.zeros((batch_size, length), bool)
+  fixed_BL[:, :2] = fixed_BL[0, 7] = True
+  ids_BL = np.random.default_rng(0).integers(len(tokenizers.SPECIAL_TOKENS), experiment_lib.STAND_IN_VOCAB_SIZE,
+                                             (batch_size, length))
+  return jnp.asarray(np.where(fixed_BL, ids_BL, tokenizers.PAD_ID), jnp.int32), jnp.asarray(fixed_BL)
+
+
+def test_generate_tokens_decodes_the_autoregressive_baseline_as_the_uncached_reference_does():
+  graphdef, params, process = untrained_network("autoregressive")
+  fixed_tokens_BL, fixed_BL = prompted_canvas()
+  config = samplers.SamplerConfig(temperature=1.0)
+  key = jax.random.key(4)
+  decode_fn = jax.jit(lambda params, tokens_BL, fixed_BL, key: experiment_lib.generate_tokens(
+      graphdef, params, process, config, tokens_BL, fixed_BL, key, prefill_length=2))
+  tokens_BL = decode_fn(params, fixed_tokens_BL, fixed_BL, key)
+  cache, step_fn = samplers.recompute_decoder(experiment_lib.bind(graphdef, params), *fixed_BL.shape)
+  reference_BL = samplers.decode(step_fn, cache, process, config, fixed_tokens_BL, fixed_BL, key)
+  assert tokens_BL.dtype == jnp.int32
+  np.testing.assert_array_equal(tokens_BL, reference_BL)
+  tokens_BL, fixed_BL = np.asarray(tokens_BL), np.asarray(fixed_BL)
+  np.testing.assert_array_equal(tokens_BL[fixed_BL], np.asarray(fixed_tokens_BL)[fixed_BL])
+  assert len(np.unique(tokens_BL[:, 2:])) > 3  # drawn tokens, not a constant
+
+
+def test_generate_tokens_samples_a_masked_process_under_jit_keeping_fixed_tokens():
+  graphdef, params, process = untrained_network("masked")
+  fixed_tokens_BL, fixed_BL = prompted_canvas()
+  config = samplers.SamplerConfig(steps=4, strategy="random", record_trajectory=True)
+  sample_fn = jax.jit(lambda params, tokens_BL, fixed_BL, key: experiment_lib.generate_tokens(
+      graphdef, params, process, config, tokens_BL, fixed_BL, key))
+  tokens_BL, trajectory_SBL = sample_fn(params, fixed_tokens_BL, fixed_BL, jax.random.key(1))
+  tokens_BL, fixed_BL = np.asarray(tokens_BL), np.asarray(fixed_BL)
+  assert trajectory_SBL.shape == (4, *fixed_BL.shape) and (trajectory_SBL[0] == process.mask_id).any()
+  assert not (tokens_BL == process.mask_id).any()
+  np.testing.assert_array_equal(tokens_BL[fixed_BL], np.asarray(fixed_tokens_BL)[fixed_BL])
+
+
+@pytest.mark.parametrize("process_name,settings,message", [
+    ("autoregressive", dict(record_trajectory=True), "record_trajectory needs a diffusion process"),
+    ("autoregressive", dict(guidance_scale=2.0), "diffusion process"),
+    ("masked", dict(prefill_length=2), "prefill_length applies to autoregressive decoding"),
+])
+def test_generate_tokens_refuses_what_the_process_cannot_do(process_name, settings, message):
+  graphdef, params, process = untrained_network(process_name)
+  fixed_tokens_BL, fixed_BL = prompted_canvas()
+  prefill_length = settings.pop("prefill_length", 0)
+  with pytest.raises(ValueError, match=message):
+    experiment_lib.generate_tokens(graphdef, params, process, samplers.SamplerConfig(**settings), fixed_tokens_BL,
+                                   fixed_BL, jax.random.key(0), prefill_length=prefill_length)

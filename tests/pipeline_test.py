@@ -110,6 +110,18 @@ def test_an_empty_text_is_refused_by_a_char_model_instead_of_scoring_inf():
 
 # Guidance, trajectories and the compile cache, on untrained networks.
 
+@pytest.mark.parametrize("module", [ar_tiny, mdlm_tiny], ids=["ar", "masked"])
+def test_generate_samples_what_generate_tokens_samples_on_the_prompt_canvas(module):
+  model = untrained(short_char_config(module))
+  prompts, settings = ["ab", "c d"], dict(steps=3, strategy="random", temperature=1.0)
+  texts = model.generate(prompts, seed=5, **settings)
+  fixed_tokens_NL, fixed_NL = model._canvas(prompts, [{}, {}], model.seq_len)
+  tokens_NL = experiment.generate_tokens(model.graphdef, model.params, model.process, model._sampler_config(settings),
+                                         fixed_tokens_NL, fixed_NL, jax.random.key(5),
+                                         eos_id=model.tokenizer.eos_id, pad_id=model.tokenizer.pad_id)
+  assert texts == [model.tokenizer.decode(row) for row in np.asarray(tokens_NL).tolist()]
+
+
 def test_guidance_scale_without_a_condition_is_refused():
   model = untrained(short_char_config(mdlm_tiny))
   with pytest.raises(ValueError, match="guidance_scale.*needs a condition.*translate"):

@@ -1,5 +1,5 @@
 """End to end on a tiny config: training, resuming, sharding, checkpoints, the pipeline API."""
-import functools
+import dataclasses
 import json
 import os
 import signal
@@ -78,9 +78,8 @@ def test_loss_falls_within_a_few_dozen_steps(tmp_path):
   experiment = experiment_lib.make_experiment(config, data.tokenizer.vocab_size)
   mesh = one_device_mesh()
   optimizer = experiment_lib.make_optimizer(config.train)
-  graphdef, state, _ = train.init_state(experiment, config, mesh, optimizer)
-  step_fn = jax.jit(lambda s, b, k: train.train_step(s, b, k, graphdef=graphdef, optimizer=optimizer,
-                                                     process=experiment.process, ema_decay=0.0))
+  graphdef, state, shardings = train.init_state(experiment, config, mesh, optimizer)
+  step_fn = train.make_train_step(experiment, graphdef, optimizer, mesh, shardings)
   nelbo_fn = experiment_lib.make_nelbo_fn(graphdef, experiment.process)
   eval_rows = jnp.asarray(data.eval_rows[:32])
   held_out = lambda params: float(nelbo_fn(params, eval_rows, jax.random.key(9)).mean())
@@ -145,10 +144,7 @@ def test_train_steps_are_the_same_on_every_mesh(tmp_path, mesh_shape):
   def run(mesh, state=None):
     graphdef, fresh, shardings = train.init_state(experiment, config, mesh, optimizer)
     state = fresh if state is None else jax.device_put(state, shardings)
-    step_fn = jax.jit(lambda s, b, k: train.train_step(s, b, k, graphdef=graphdef, optimizer=optimizer,
-                                                       process=experiment.process, ema_decay=0.0),
-                      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                      out_shardings=(shardings, sharding.replicated(mesh)))
+    step_fn = train.make_train_step(experiment, graphdef, optimizer, mesh, shardings)
     initial = jax.device_get(state)
     losses = []
     for batch in batches:
@@ -209,6 +205,10 @@ def test_checkpoint_of_another_shape_is_refused_and_kept(trained_workdir):
   other_data.data.seed = 5
   with pytest.raises(checkpoint.CheckpointError, match="data.seed"):
     train.train_and_evaluate(other_data, workdir)
+  unpadded = tiny_config()
+  unpadded.model.vocab_multiple = 1
+  with pytest.raises(checkpoint.CheckpointError, match="model.vocab_multiple: checkpoint 128 vs now 1"):
+    train.train_and_evaluate(unpadded, workdir)
   assert _snapshot(workdir) == before
 
 
@@ -324,16 +324,21 @@ PROCESS_SETTINGS = (
     + [dict(name="gaussian", schedule=kind, num_steps=10) for kind in gaussian.NOISE_KINDS]
     + [dict(name="autoregressive")])
 TINY_VOCAB_SIZE = len(tokenizers.SPECIAL_TOKENS) + 8
-_FRESH_STATES = {}  # (network settings, EMA decay) -> (graphdef, state): processes that share a network share it
+# (network settings, EMA decay, mesh) -> (graphdef, state on the host, shardings): processes that share
+# a network share it.
+_FRESH_STATES = {}
 
 
-def tiny_model_run(process: dict, ema_decay: float = 0.0):
-  """(experiment, graphdef, fresh state, jitted train step, rows_BL) of a one-layer network over
-  seq_len 16 trained by `process` (settings of config.process)."""
+def tiny_model_run(process: dict, ema_decay: float = 0.0, mesh_config: sharding.MeshConfig | None = None,
+                   num_heads: int = 1):
+  """(experiment, graphdef, fresh state, train step as training runs it (`train.make_train_step`),
+  rows_BL) of a one-layer network over seq_len 16 trained by `process` (settings of
+  config.process), on one device or on the mesh of `mesh_config`. The step donates the state it
+  is given."""
   config = config_lib.base_config()
   config.process.update(**process)
   config.data.seq_len = 16
-  config.model.update(num_layers=1, num_heads=1, embed_dim=16, mlp_dim=16,
+  config.model.update(num_layers=1, num_heads=num_heads, embed_dim=16, mlp_dim=16,
                       time_conditioning=process["name"] == "gaussian")
   config.train.update(ema_decay=ema_decay, warmup_steps=0)
   config_lib.validate(config)
@@ -342,12 +347,14 @@ def tiny_model_run(process: dict, ema_decay: float = 0.0):
   graph = graph_settings.build(np.asarray(rows_BL), TINY_VOCAB_SIZE) if graph_settings else None
   experiment = experiment_lib.make_experiment(config, TINY_VOCAB_SIZE, graph)
   optimizer = experiment_lib.make_optimizer(config.train)
-  if (experiment.model, ema_decay) not in _FRESH_STATES:
-    _FRESH_STATES[experiment.model, ema_decay] = train.init_state(experiment, config, one_device_mesh(), optimizer)[:2]
-  graphdef, state = _FRESH_STATES[experiment.model, ema_decay]
-  step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, optimizer=optimizer,
-                                      process=experiment.process, ema_decay=ema_decay))
-  return experiment, graphdef, state, step_fn, rows_BL
+  mesh = one_device_mesh() if mesh_config is None else sharding.make_mesh(mesh_config)
+  name = (experiment.model, ema_decay, mesh_config)
+  if name not in _FRESH_STATES:
+    graphdef, state, shardings = train.init_state(experiment, config, mesh, optimizer)
+    _FRESH_STATES[name] = graphdef, jax.device_get(state), shardings
+  graphdef, state, shardings = _FRESH_STATES[name]
+  step_fn = train.make_train_step(experiment, graphdef, optimizer, mesh, shardings, ema_decay=ema_decay)
+  return experiment, graphdef, jax.device_put(state, shardings), step_fn, rows_BL
 
 
 @pytest.mark.parametrize("process", PROCESS_SETTINGS, ids=lambda p: "-".join(map(str, p.values())))
@@ -362,6 +369,22 @@ def test_every_process_and_schedule_trains_and_bounds_under_jit(process):
   assert max(moved) > 0  # the optimizer's updates reached the parameters
   nats_B = experiment_lib.make_nelbo_fn(graphdef, experiment.process)(state.params, rows_BL, jax.random.key(2))
   assert nats_B.shape == (4,) and np.isfinite(np.asarray(nats_B)).all(), nats_B
+
+
+def test_the_train_step_donates_the_state_and_splits_the_batch_over_the_mesh():
+  mesh_config = sharding.MeshConfig(data=2, fsdp=2, tensor=2)
+  _, _, state, step_fn, rows_BL = tiny_model_run(dict(name="masked"), ema_decay=0.5, mesh_config=mesh_config,
+                                                 num_heads=2)
+  mesh = sharding.make_mesh(mesh_config)
+  shardings = jax.tree.map(lambda array: array.sharding, state)
+  assert any(not sharding_.is_fully_replicated for sharding_ in jax.tree.leaves(shardings))
+  compiled = step_fn.lower(state, rows_BL, jax.random.key(1)).compile()
+  assert compiled.input_shardings[0][1].is_equivalent_to(sharding.batch_sharding(mesh), rows_BL.ndim)
+  new_state, metrics = step_fn(state, rows_BL, jax.random.key(1))
+  assert all(array.is_deleted() for array in jax.tree.leaves(state))  # donated, not copied
+  for array, expected in zip(jax.tree.leaves(new_state), jax.tree.leaves(shardings), strict=True):
+    assert array.sharding.is_equivalent_to(expected, array.ndim), (array.sharding, expected)
+  assert all(value.sharding.is_fully_replicated for value in metrics.values())
 
 
 def test_ema_decay_warms_up():
@@ -424,11 +447,14 @@ class _RowsSeen:
 
 
 def test_jitted_train_step_drops_the_condition_of_a_pair_row():
-  _, graphdef, state, _, _ = tiny_model_run(dict(name="masked"))
+  experiment, graphdef, state, _, _ = tiny_model_run(dict(name="masked"))
+  pair_experiment = dataclasses.replace(experiment, process=_RowsSeen(),
+                                        data=dataclasses.replace(experiment.data, task="data_to_text"))
   eos, pad = tokenizers.EOS_ID, tokenizers.PAD_ID
   rows_BL = jnp.array([[7, 8, eos, 9, 10, eos] + [pad] * 10] * 4, jnp.int32)
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, optimizer=experiment_lib.make_optimizer(
-      config_lib.base_config().train), process=_RowsSeen(), ema_decay=0.0, pairs=True, condition_dropout=1.0))
+  step = train.make_train_step(pair_experiment, graphdef, experiment_lib.make_optimizer(config_lib.base_config().train),
+                               one_device_mesh(), jax.tree.map(lambda array: array.sharding, state),
+                               condition_dropout=1.0)
   _, metrics = step(state, rows_BL, jax.random.key(0))
   seen_BL = np.asarray(metrics["rows"])
   assert (seen_BL[:, :2] == pad).all() and (seen_BL[:, 2:] == np.asarray(rows_BL)[:, 2:]).all()

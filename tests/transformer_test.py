@@ -309,10 +309,12 @@ def _decode_in_chunks(model, tokens_BL, t_B, prefill):
   return run(state, tokens_BL, t_B)
 
 
-# bfloat16: the cache holds the same bf16 keys and values as the bf16 forward
-# (bitwise on CPU); bf16 against float32 differs by ~0.05.
+# bfloat16: the cache holds the same bf16 keys and values as the bf16 forward,
+# but decoding sums the softmax chunk by chunk in float32 while the forward
+# rounds the normalised probabilities to bf16: they differ by about as much as
+# bf16 differs from float32 (~0.05).
 @pytest.mark.parametrize("time_conditioning, dtype, atol",
-                         [(True, "float32", 1e-5), (False, "bfloat16", 1e-2)])
+                         [(True, "float32", 1e-5), (False, "bfloat16", 0.1)])
 def test_cached_decoding_matches_the_full_causal_forward(time_conditioning,
                                                          dtype, atol):
   model = _randomize(_model(causal=True, time_conditioning=time_conditioning,
@@ -322,12 +324,12 @@ def test_cached_decoding_matches_the_full_causal_forward(time_conditioning,
   full_BLV = _jit_forward(model)(tokens_BL, t_B)
   np.testing.assert_allclose(logits_BLV, full_BLV, rtol=1e-5, atol=atol)
   assert len(cache) == 2
-  for layer_cache in cache:  # [B, max_len, H, K]; slots past 12 untouched
-    assert layer_cache.k_BSHK.shape == (3, MAX_LEN, 2, 8)
-    assert layer_cache.k_BSHK.dtype == jnp.dtype(dtype)
-    assert not layer_cache.k_BSHK[:, 12:].any()
-    assert not layer_cache.v_BSHK[:, 12:].any()
-    assert layer_cache.k_BSHK[:, :12].any(axis=(0, 2, 3)).all()
+  for layer_cache in cache:  # [B, H, max_len, K]; slots past 12 untouched
+    assert layer_cache.k_BHSK.shape == (3, 2, MAX_LEN, 8)
+    assert layer_cache.k_BHSK.dtype == jnp.dtype(dtype)
+    assert not layer_cache.k_BHSK[:, :, 12:].any()
+    assert not layer_cache.v_BHSK[:, :, 12:].any()
+    assert layer_cache.k_BHSK[:, :, :12].any(axis=(0, 1, 3)).all()
 
 
 def test_cached_decoding_needs_a_causal_model_and_a_cache_that_fits():

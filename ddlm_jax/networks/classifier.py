@@ -63,10 +63,10 @@ class NoisyClassifier(nnx.Module):
 
   def __call__(self, word_probs_BLV: jax.Array, t_B: jax.Array) -> tuple[jax.Array, ...]:
     batch, length = word_probs_BLV.shape[:2]
-    x_BLD = word_probs_BLV.astype(jnp.float32) @ self.word_embedding[...]
+    x_BLD = layers.dense(word_probs_BLV.astype(jnp.float32), self.word_embedding[...])
     positions_BL = jnp.broadcast_to(jnp.arange(length), (batch, length))
     c_BC = self.time_embedding(jnp.broadcast_to(t_B, (batch,)))
     for block in self.blocks:
-      x_BLD = block(x_BLD, positions_BL, None, c_BC, None)
+      x_BLD = block(x_BLD, positions_BL, c_BC, None)
     logits_BC = self.final_norm(x_BLD).mean(axis=1) @ self.head[...]
     return tuple(jnp.split(logits_BC, np.cumsum(self.config.num_classes)[:-1].tolist(), axis=-1))

@@ -53,6 +53,10 @@ class TransformerConfig:
       and logits are float32.
     latent_dim: E; 0: token ids in, logits out; > 0: points of the
       E-dimensional token-embedding space in, predicted clean points out.
+    attention: implementation of `layers.attention`, one of
+      layers.ATTENTION_IMPLEMENTATIONS ('cudnn' needs a GPU and bfloat16).
+    attention_chunk_size: query block of 'chunked' attention, and the cache
+      slots read per loop step when decoding.
   """
   vocab_size: int
   max_len: int
@@ -66,6 +70,8 @@ class TransformerConfig:
   remat: bool = False
   dtype: str = "float32"
   latent_dim: int = 0
+  attention: str = "xla"
+  attention_chunk_size: int = 128
 
   def __post_init__(self):
     for name in ("vocab_size", "max_len", "num_layers", "num_heads",
@@ -85,6 +91,15 @@ class TransformerConfig:
       raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.latent_dim < 0:
       raise ValueError(f"latent_dim must be >= 0, got {self.latent_dim}")
+    if self.attention not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention must be one of "
+                       f"{layers.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+    if self.attention == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError("attention='cudnn' (cuDNN flash attention) needs "
+                       "dtype='bfloat16'")
+    if self.attention_chunk_size <= 0:
+      raise ValueError("attention_chunk_size must be positive, got "
+                       f"{self.attention_chunk_size}")
     if self.latent_dim and self.causal:
       raise ValueError("latent_dim > 0 (embedding-space inputs) needs a "
                        "bidirectional model, not causal=True")
@@ -106,21 +121,24 @@ class Block(nnx.Module):
     dtype = jnp.dtype(config.dtype)
     d = config.embed_dim
     self.attn_norm = layers.RMSNorm(d, rngs=rngs)
-    self.attn = layers.Attention(d, config.num_heads, dtype=dtype, rngs=rngs)
+    self.attn = layers.Attention(
+        d, config.num_heads, dtype=dtype, rngs=rngs, causal=config.causal,
+        implementation=config.attention,
+        chunk_size=config.attention_chunk_size)
     self.mlp_norm = layers.RMSNorm(d, rngs=rngs)
     self.mlp = layers.Mlp(d, config.mlp_dim, dtype=dtype, rngs=rngs)
     self.modulation = (layers.Modulation(d, 4, d, rngs=rngs)
                        if config.time_conditioning else None)
     self.dropout_rate = config.dropout_rate
 
-  def __call__(self, x_BLD, positions_BL, mask_BLS, c_BC, dropout_key):
-    """x float[B, L, D], positions int[B, L], mask bool[1 or B, L, L] or None,
-    c float32[B, C] or None, dropout_key or None -> float[B, L, D]."""
+  def __call__(self, x_BLD, positions_BL, c_BC, dropout_key):
+    """x float[B, L, D], positions int[B, L], c float32[B, C] or None,
+    dropout_key or None -> float[B, L, D]."""
     attn_key, mlp_key = (None, None) if dropout_key is None else (
         jax.random.split(dropout_key))
     attn_mod, mlp_mod = self._modulations(c_BC)
     h_BLD = _norm_and_modulate(self.attn_norm, x_BLD, attn_mod)
-    h_BLD = self.attn(h_BLD, positions_BL, mask_BLS)
+    h_BLD = self.attn(h_BLD, positions_BL)
     x_BLD = x_BLD + layers.dropout(h_BLD, self.dropout_rate, attn_key)
     h_BLD = self.mlp(_norm_and_modulate(self.mlp_norm, x_BLD, mlp_mod))
     return x_BLD + layers.dropout(h_BLD, self.dropout_rate, mlp_key)
@@ -205,17 +223,16 @@ class Transformer(nnx.Module):
           f"sequence length {length} exceeds max_len {config.max_len}")
     x_BLD = self._embed(tokens_BL)
     positions_BL = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    mask_BLS = layers.causal_mask(length) if config.causal else None
     c_BC = self._conditioning(t_B, batch)
     block_fn = nnx.remat(Block.__call__) if config.remat else Block.__call__
     for i, block in enumerate(self.blocks):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      x_BLD = block_fn(block, x_BLD, positions_BL, mask_BLS, c_BC, key)
+      x_BLD = block_fn(block, x_BLD, positions_BL, c_BC, key)
     return self._logits(x_BLD, c_BC)
 
   def init_cache(self, batch_size: int,
                  max_len: int | None = None) -> tuple[layers.KVCache, ...]:
-    """An empty KV cache: one `layers.KVCache` of zeros [B, S, H, K] per block.
+    """An empty KV cache: one `layers.KVCache` of zeros [B, H, S, K] per block.
 
     Args:
       batch_size: B.
@@ -257,7 +274,7 @@ class Transformer(nnx.Module):
     """
     self._check_causal()
     batch, num_tokens = tokens_BT.shape
-    max_len = cache[0].k_BSHK.shape[1]
+    max_len = cache[0].max_len
     end = num_tokens + (start if isinstance(start, int) else 0)
     if end > max_len:
       raise ValueError(f"positions up to {end} do not fit a cache of {max_len}")
@@ -278,8 +295,7 @@ class Transformer(nnx.Module):
   def _embed(self, tokens_BL):
     dtype = jnp.dtype(self.config.dtype)
     if self.config.latent_dim:
-      return jnp.einsum("BLE,ED->BLD", tokens_BL.astype(dtype),
-                        self.input_projection[...].astype(dtype))
+      return layers.dense(tokens_BL.astype(dtype), self.input_projection[...].astype(dtype))
     return jnp.take(self.embedding[...], tokens_BL, axis=0).astype(dtype)
 
   def _conditioning(self, t_B, batch):
@@ -295,9 +311,8 @@ class Transformer(nnx.Module):
     final_mod = (None if self.final_modulation is None
                  else self.final_modulation(c_BC))
     x_BLD = _norm_and_modulate(self.final_norm, x_BLD, final_mod)
-    return jnp.einsum("BLD,DV->BLV", x_BLD,
-                      self.unembedding[...].astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return layers.dense(x_BLD, self.unembedding[...].astype(dtype),
+                        preferred_element_type=jnp.float32)
 
 
 StepFn = Callable[[jax.Array, jax.Array, tuple[layers.KVCache, ...]],

@@ -50,9 +50,12 @@ class Autoregressive:
 
   def next_token_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
     """log p(x^l | x^{<l}) over the first V ids, [BOS] and `excluded_ids` at -inf (float32[B, L, V])."""
-    never_targets = jnp.array((self.bos_id, *self.excluded_ids))
-    logits_BLV = logits_BLW[..., :self.vocab_size].astype(jnp.float32)
-    return jax.nn.log_softmax(logits_BLV.at[..., never_targets].set(-jnp.inf), axis=-1)
+    return base.restricted_log_softmax(logits_BLW, self.vocab_size, self.never_targets)
+
+  @property
+  def never_targets(self) -> tuple[int, ...]:
+    """Ids outside the next-token softmax: [BOS] and `excluded_ids`."""
+    return (self.bos_id, *self.excluded_ids)
 
   def nelbo(self, model_fn: base.ModelFn, x0_BL: jax.Array, key: jax.Array,
             prompt_mask_BL: jax.Array | None = None, t_B: jax.Array | None = None) -> base.Nelbo:
@@ -69,7 +72,7 @@ class Autoregressive:
     """
     del key, t_B
     logits_BLW = model_fn(self.inputs(x0_BL), jnp.zeros((x0_BL.shape[0],), jnp.float32))
-    nll_BL = -base.token_log_likelihood(self.next_token_log_probs(logits_BLW), x0_BL)
+    nll_BL = base.cross_entropy(logits_BLW, x0_BL, self.vocab_size, self.never_targets)
     scored_BL = base.scored_mask(x0_BL, prompt_mask_BL)
     return base.Nelbo(nats_B=jnp.where(scored_BL, nll_BL, 0.0).sum(axis=-1),
                       num_tokens_B=scored_BL.sum(axis=-1).astype(jnp.float32))

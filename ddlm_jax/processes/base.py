@@ -73,6 +73,57 @@ def token_log_likelihood(log_probs_BLV: jax.Array, x_BL: jax.Array) -> jax.Array
   return jnp.take_along_axis(log_probs_BLV, x_BL[..., None], axis=-1)[..., 0]
 
 
+def excluded_ids_bias(width: int, vocab_size: int, excluded_ids: tuple[int, ...]) -> jax.Array:
+  """float32[W]: 0 on the V ids a softmax ranges over, -inf on `excluded_ids` and on the padding
+  ids >= V. Adding it to logits removes those ids without a scatter into the [B, L, W] array."""
+  ids_W = jnp.arange(width)
+  removed_W = (ids_W >= vocab_size) | jnp.isin(ids_W, jnp.array(excluded_ids, jnp.int32))
+  return jnp.where(removed_W, -jnp.inf, 0.0)
+
+
+def restricted_log_softmax(logits_BLW: jax.Array, vocab_size: int,
+                           excluded_ids: tuple[int, ...] = ()) -> jax.Array:
+  """log softmax over the first V ids with `excluded_ids` at -inf, float32[B, L, V]."""
+  bias_W = excluded_ids_bias(logits_BLW.shape[-1], vocab_size, excluded_ids)
+  return jax.nn.log_softmax(logits_BLW.astype(jnp.float32) + bias_W, axis=-1)[..., :vocab_size]
+
+
+@jax.custom_vjp
+def _cross_entropy(logits_BLW: jax.Array, targets_BL: jax.Array, bias_W: jax.Array) -> jax.Array:
+  return _cross_entropy_forward(logits_BLW, targets_BL, bias_W)[0]
+
+
+def _cross_entropy_forward(logits_BLW, targets_BL, bias_W):
+  logits_BLW = logits_BLW.astype(jnp.float32) + bias_W
+  log_normalizer_BL = jax.nn.logsumexp(logits_BLW, axis=-1)
+  target_logit_BL = jnp.take_along_axis(logits_BLW, targets_BL[..., None], axis=-1)[..., 0]
+  return log_normalizer_BL - target_logit_BL, (logits_BLW, log_normalizer_BL, targets_BL)
+
+
+def _cross_entropy_backward(residuals, g_BL):
+  logits_BLW, log_normalizer_BL, targets_BL = residuals
+  probs_BLW = jnp.exp(logits_BLW - log_normalizer_BL[..., None])
+  one_hot_BLW = jnp.arange(logits_BLW.shape[-1]) == targets_BL[..., None]
+  grad_BLW = g_BL[..., None] * (probs_BLW - one_hot_BLW)
+  return grad_BLW, None, None
+
+
+_cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
+
+
+def cross_entropy(logits_BLW: jax.Array, targets_BL: jax.Array, vocab_size: int,
+                  excluded_ids: tuple[int, ...] = ()) -> jax.Array:
+  """-log p(target) under the softmax over the first V ids with `excluded_ids` removed, float32[B, L].
+
+  Equals `-token_log_likelihood(restricted_log_softmax(...), targets)` without the [B, L, V]
+  log-probabilities: one normaliser per position and the target's logit on the way forward, and
+  the gradient (softmax - one_hot) * g as one elementwise pass on the way back (no scatter).
+  A target outside the softmax (an excluded id) has an infinite loss.
+  """
+  bias_W = excluded_ids_bias(logits_BLW.shape[-1], vocab_size, excluded_ids)
+  return _cross_entropy(logits_BLW, targets_BL.astype(jnp.int32), bias_W)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenDraw:
   """How tokens are drawn from a predicted distribution.
@@ -124,20 +175,43 @@ class TokenDraw:
     per position instead of V Gumbel draws (the argmax itself at temperature 0)."""
     if self.temperature == 0:
       return jnp.argmax(log_probs_BLV, axis=-1).astype(jnp.int32)
+    if self.top_k is None and self.top_p == 1.0:  # no filter: the tempered weights need no normalising
+      max_BL1 = jnp.max(log_probs_BLV, axis=-1, keepdims=True)
+      return inverse_cdf_draw(jnp.exp((log_probs_BLV - max_BL1) / self.temperature), uniforms_BL)
     return inverse_cdf_draw(jnp.exp(self.log_probs(log_probs_BLV)), uniforms_BL)
 
 
-def inverse_cdf_draw(probs_BLV: jax.Array, uniforms_BL: jax.Array) -> jax.Array:
-  """One draw per position from (unnormalised, non-negative) probs_BLV, int32[B, L].
+def inverse_cdf_draw(probs_BLV: jax.Array, uniforms_BL: jax.Array, block_size: int = 128) -> jax.Array:
+  """One draw per position from (unnormalised, non-negative) probs_BLV, int32[B, L]: the id where
+  the cumulative mass first exceeds u times the total.
 
-  A draw never lands on a zero-probability id.
+  The cumulative sum runs in two levels, over the masses of blocks of `block_size` ids and then
+  within the block the draw falls in: XLA's CPU cumulative sum is a log-depth scan that costs
+  about 15 passes over its input, which over a whole vocabulary cost more than a forward pass.
+  A draw never lands on a zero-probability id (unless every id has zero probability).
   """
-  cdf_BLV = jnp.cumsum(probs_BLV, axis=-1)
-  below_BL = (cdf_BLV <= uniforms_BL[..., None] * cdf_BLV[..., -1:]).sum(axis=-1)
-  tokens_BL = jnp.minimum(below_BL, probs_BLV.shape[-1] - 1).astype(jnp.int32)
-  drawn_prob_BL = jnp.take_along_axis(probs_BLV, tokens_BL[..., None], axis=-1)[..., 0]
-  greedy_BL = jnp.argmax(probs_BLV, axis=-1).astype(jnp.int32)
-  return jnp.where(drawn_prob_BL > 0, tokens_BL, greedy_BL)  # only if u * total rounded up to total
+  *lead, vocab = probs_BLV.shape
+  block_size = min(block_size, vocab)
+  num_blocks = -(-vocab // block_size)
+  if num_blocks * block_size != vocab:
+    probs_BLV = jnp.pad(probs_BLV, [(0, 0)] * len(lead) + [(0, num_blocks * block_size - vocab)])
+  blocks_BLNC = probs_BLV.reshape(*lead, num_blocks, block_size)
+  block_mass_BLN = blocks_BLNC.sum(axis=-1)
+  block_cdf_BLN = jnp.cumsum(block_mass_BLN, axis=-1)
+  target_BL = uniforms_BL * block_cdf_BLN[..., -1]
+  # Where u * total rounds up to the total, the count runs past the last id with any mass.
+  block_BL = jnp.minimum((block_cdf_BLN <= target_BL[..., None]).sum(axis=-1), _last_positive(block_mass_BLN))
+  take = lambda x_BLN, index_BL: jnp.take_along_axis(x_BLN, index_BL[..., None], axis=-1)[..., 0]
+  mass_before_BL = take(block_cdf_BLN, block_BL) - take(block_mass_BLN, block_BL)
+  within_BLC = jnp.take_along_axis(blocks_BLNC, block_BL[..., None, None], axis=-2)[..., 0, :]
+  within_cdf_BLC = mass_before_BL[..., None] + jnp.cumsum(within_BLC, axis=-1)
+  offset_BL = jnp.minimum((within_cdf_BLC <= target_BL[..., None]).sum(axis=-1), _last_positive(within_BLC))
+  return (block_BL * block_size + offset_BL).astype(jnp.int32)
+
+
+def _last_positive(x_BLN: jax.Array) -> jax.Array:
+  """Index of the last entry > 0 along the last axis (0 if none), int32[B, L]."""
+  return x_BLN.shape[-1] - 1 - jnp.argmax(jnp.flip(x_BLN > 0, axis=-1), axis=-1)
 
 
 def step_uniforms(step_keys_B: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:

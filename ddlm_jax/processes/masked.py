@@ -69,8 +69,7 @@ class MaskedDiffusion(base.CanvasReadout):
   def masked_log_probs(self, logits_BLW: jax.Array) -> jax.Array:
     """log p(x_0 | x_t) at a masked position: the network's softmax without [MASK], float32[B, L, V]
     (what the bound and the ancestral step read; they never read a clean position's)."""
-    logits_BLV = logits_BLW[..., :self.vocab_size].astype(jnp.float32).at[..., self.mask_id].set(-jnp.inf)
-    return jax.nn.log_softmax(logits_BLV, axis=-1)
+    return base.restricted_log_softmax(logits_BLW, self.vocab_size, (self.mask_id,))
 
   def denoiser_log_probs(self, logits_BLW: jax.Array, xt_BL: jax.Array, t: jax.Array) -> jax.Array:
     """log p(x_0 | x_t), float32[B, L, V]: `masked_log_probs` at masked positions, the token itself
@@ -100,7 +99,8 @@ class MaskedDiffusion(base.CanvasReadout):
     if t_B is None:
       t_B = base.sample_times(t_key, x0_BL.shape[0], self.antithetic_time)
     xt_BL = self.corrupt(x0_BL, t_B, mask_key, keep_BL=prompt_mask_BL)
-    nll_BL = -base.token_log_likelihood(self.masked_log_probs(model_fn(xt_BL, t_B)), x0_BL)  # read where masked
+    # -log p(x_0 | x_t) under `masked_log_probs`, read where masked
+    nll_BL = base.cross_entropy(model_fn(xt_BL, t_B), x0_BL, self.vocab_size, (self.mask_id,))
     num_tokens_B = base.scored_mask(x0_BL, prompt_mask_BL).sum(axis=-1).astype(jnp.float32)
     masked_BL = xt_BL == self.mask_id
     diffusion_nats_B = self.schedule.loss_weight(t_B) * jnp.where(masked_BL, nll_BL, 0.0).sum(-1)
