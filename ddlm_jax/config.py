@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       time_conditioning=False, dropout_rate=0.0, remat=False, dtype="float32",
       # How attention is computed (same results; see networks/layers.attention): 'xla' | 'chunked'
       # (causal attention skips the masked blocks) | 'cudnn' (NVIDIA GPUs, dtype bfloat16).
-      attention="xla", attention_chunk_size=128,
+      attention="chunked", attention_chunk_size=128,
       # The network's vocabulary is padded to a multiple of vocab_multiple (the process ignores the
       # extra logits; 1: no padding); with mesh.tensor > 1 it must be a multiple of mesh.tensor.
       vocab_multiple=experiment_lib.VOCAB_MULTIPLE,

@@ -83,3 +83,13 @@ def test_token_draw_without_a_filter_samples_the_tempered_distribution():
   expected_V = np.array([0.5, 0.25, 0.125, 0.125, 0.0]) ** 2
   np.testing.assert_allclose(np.bincount(np.asarray(tokens_N), minlength=5) / 20000, expected_V / expected_V.sum(),
                              atol=0.01)
+
+
+@pytest.mark.parametrize("width, block_size", [(8192, 128), (300, 128), (7, 128), (12, 4)])
+def test_two_level_argmax_is_jnp_argmax_and_takes_the_first_of_ties(width, block_size):
+  x_BLV = jax.random.normal(jax.random.key(width), (3, 5, width))
+  x_BLV = x_BLV.at[0, 0, width // 3].set(9.0).at[0, 0, width - 1].set(9.0)  # a tie across blocks
+  x_BLV = x_BLV.at[1, 0].set(-jnp.inf).at[1, 0, width - 1].set(0.0)  # the last id of a padded block
+  got = jax.jit(base.argmax, static_argnums=1)(x_BLV, block_size)
+  np.testing.assert_array_equal(got, jnp.argmax(x_BLV, axis=-1))
+  assert got[0, 0] == width // 3 and got.dtype == jnp.int32

@@ -94,18 +94,19 @@ def _cross_entropy(logits_BLW: jax.Array, targets_BL: jax.Array, bias_W: jax.Arr
 
 
 def _cross_entropy_forward(logits_BLW, targets_BL, bias_W):
-  logits_BLW = logits_BLW.astype(jnp.float32) + bias_W
-  log_normalizer_BL = jax.nn.logsumexp(logits_BLW, axis=-1)
-  target_logit_BL = jnp.take_along_axis(logits_BLW, targets_BL[..., None], axis=-1)[..., 0]
-  return log_normalizer_BL - target_logit_BL, (logits_BLW, log_normalizer_BL, targets_BL)
+  # The biased logits are never stored: the backward pass adds the bias again inside its one pass.
+  biased_BLW = logits_BLW.astype(jnp.float32) + bias_W
+  log_normalizer_BL = jax.nn.logsumexp(biased_BLW, axis=-1)
+  target_logit_BL = jnp.take_along_axis(biased_BLW, targets_BL[..., None], axis=-1)[..., 0]
+  return log_normalizer_BL - target_logit_BL, (logits_BLW, bias_W, log_normalizer_BL, targets_BL)
 
 
 def _cross_entropy_backward(residuals, g_BL):
-  logits_BLW, log_normalizer_BL, targets_BL = residuals
-  probs_BLW = jnp.exp(logits_BLW - log_normalizer_BL[..., None])
+  logits_BLW, bias_W, log_normalizer_BL, targets_BL = residuals
+  probs_BLW = jnp.exp(logits_BLW.astype(jnp.float32) + bias_W - log_normalizer_BL[..., None])
   one_hot_BLW = jnp.arange(logits_BLW.shape[-1]) == targets_BL[..., None]
   grad_BLW = g_BL[..., None] * (probs_BLW - one_hot_BLW)
-  return grad_BLW, None, None
+  return grad_BLW.astype(logits_BLW.dtype), None, None
 
 
 _cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
@@ -165,7 +166,7 @@ class TokenDraw:
     """The normalised log-distribution that `__call__` samples from: a one-hot argmax at
     temperature 0, else the top-k / nucleus of softmax(log_probs / T)."""
     if self.temperature == 0:
-      argmax_BLV = jax.nn.one_hot(jnp.argmax(log_probs_BLV, axis=-1), log_probs_BLV.shape[-1], dtype=bool)
+      argmax_BLV = jax.nn.one_hot(argmax(log_probs_BLV), log_probs_BLV.shape[-1], dtype=bool)
       return jnp.where(argmax_BLV, 0.0, -jnp.inf)
     tempered_BLV = jax.nn.log_softmax(log_probs_BLV / self.temperature, axis=-1)
     return jax.nn.log_softmax(self.filter(tempered_BLV), axis=-1)
@@ -174,11 +175,28 @@ class TokenDraw:
     """Tokens int32[B, L] drawn from `log_probs(log_probs_BLV)` by inverse CDF, with one uniform
     per position instead of V Gumbel draws (the argmax itself at temperature 0)."""
     if self.temperature == 0:
-      return jnp.argmax(log_probs_BLV, axis=-1).astype(jnp.int32)
+      return argmax(log_probs_BLV)
     if self.top_k is None and self.top_p == 1.0:  # no filter: the tempered weights need no normalising
       max_BL1 = jnp.max(log_probs_BLV, axis=-1, keepdims=True)
       return inverse_cdf_draw(jnp.exp((log_probs_BLV - max_BL1) / self.temperature), uniforms_BL)
     return inverse_cdf_draw(jnp.exp(self.log_probs(log_probs_BLV)), uniforms_BL)
+
+
+def argmax(x_BLV: jax.Array, block_size: int = 128) -> jax.Array:
+  """jnp.argmax over the last axis (the first of tied maxima), int32[B, L], in two levels: the
+  block of `block_size` entries with the largest maximum, then the argmax within it. XLA's CPU
+  argmax is a two-operand reduction about 20 times slower than a max over the same array, so the
+  full-vocabulary pass is a plain max (at V = 8192: 8 ms instead of 62 ms for [16, 256, V])."""
+  *lead, width = x_BLV.shape
+  block_size = min(block_size, width)
+  num_blocks = -(-width // block_size)
+  if num_blocks * block_size != width:
+    x_BLV = jnp.pad(x_BLV, [(0, 0)] * len(lead) + [(0, num_blocks * block_size - width)],
+                    constant_values=-jnp.inf)
+  blocks_BLNC = x_BLV.reshape(*lead, num_blocks, block_size)
+  block_BL = jnp.argmax(blocks_BLNC.max(axis=-1), axis=-1)
+  within_BLC = jnp.take_along_axis(blocks_BLNC, block_BL[..., None, None], axis=-2)[..., 0, :]
+  return (block_BL * block_size + jnp.argmax(within_BLC, axis=-1)).astype(jnp.int32)
 
 
 def inverse_cdf_draw(probs_BLV: jax.Array, uniforms_BL: jax.Array, block_size: int = 128) -> jax.Array:
