@@ -71,8 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512,
       time_conditioning=False, dropout_rate=0.0, remat=False, dtype="float32",
       # How attention is computed (same results; see networks/layers.attention): 'xla' | 'chunked'
-      # (causal attention skips the masked blocks) | 'cudnn' (NVIDIA GPUs, dtype bfloat16).
-      attention="chunked", attention_chunk_size=128,
+      # (causal attention in query blocks of attention_chunk_size, skipping the masked blocks) |
+      # 'cudnn' (NVIDIA GPUs, dtype bfloat16); decoding reads the cache in chunks of decode_chunk_size.
+      attention="chunked", attention_chunk_size=64, decode_chunk_size=32,
       # The network's vocabulary is padded to a multiple of vocab_multiple (the process ignores the
       # extra logits; 1: no padding); with mesh.tensor > 1 it must be a multiple of mesh.tensor.
       vocab_multiple=experiment_lib.VOCAB_MULTIPLE,
@@ -225,7 +226,7 @@ def saved_run_identity(identity: dict, current: dict | None = None) -> dict:
 
 # Model settings that change how the network is computed, not what it computes: a run may resume
 # with others.
-COMPUTATION_ONLY_MODEL_KEYS = ("remat", "attention", "attention_chunk_size")
+COMPUTATION_ONLY_MODEL_KEYS = ("remat", "attention", "attention_chunk_size", "decode_chunk_size")
 
 
 def _model_identity(model: dict) -> dict:

@@ -136,6 +136,8 @@ def test_attention_settings_are_checked():
     transformer.TransformerConfig(**settings, attention="cudnn")
   with pytest.raises(ValueError, match="attention_chunk_size"):
     transformer.TransformerConfig(**settings, attention_chunk_size=0)
+  with pytest.raises(ValueError, match="decode_chunk_size"):
+    transformer.TransformerConfig(**settings, decode_chunk_size=-1)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention runs on NVIDIA GPUs only")

@@ -130,6 +130,21 @@ def test_a_checkpoint_saved_before_vocab_multiple_existed_resumes_with_the_defau
     checkpoint.check_identity(config_lib.saved_run_identity(older, unpadded), unpadded, "workdir")
 
 
+def test_how_attention_is_computed_is_not_part_of_the_run_identity():
+  """A run may resume with another attention implementation or chunking (or remat), as a checkpoint
+  saved with remat and before the attention settings existed does; the model's shapes still count."""
+  saved = json.loads(json.dumps(config_lib.run_identity(config_lib.base_config())))
+  saved["model"]["remat"] = True
+  config = config_lib.base_config()
+  config.model.update(attention="xla", attention_chunk_size=16, decode_chunk_size=8)
+  current = config_lib.run_identity(config)
+  checkpoint.check_identity(config_lib.saved_run_identity(saved, current), current, "workdir")
+  config.model.embed_dim = 64
+  other = config_lib.run_identity(config)
+  with pytest.raises(checkpoint.CheckpointError, match="model.embed_dim"):
+    checkpoint.check_identity(config_lib.saved_run_identity(saved, other), other, "workdir")
+
+
 # The process settings that checkpoints of the previous version recorded, per family.
 OLDER_READ_KEYS = {
     "masked": ("schedule", "schedule_eps", "antithetic_time"),

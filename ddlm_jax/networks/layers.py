@@ -117,7 +117,7 @@ def attention(
     causal: bool = False,
     mask_BTS: jax.Array | None = None,
     implementation: str = "xla",
-    chunk_size: int = 128,
+    chunk_size: int = 64,
 ) -> jax.Array:
   """Softmax attention of T queries over S keys, float32 logits: [B, T, H, K].
 
@@ -220,7 +220,7 @@ class KVCache:
 
 
 def cached_attention(q_BTHK: jax.Array, cache: KVCache, start: jax.Array | int,
-                     chunk_size: int = 128) -> jax.Array:
+                     chunk_size: int = 32) -> jax.Array:
   """Causal attention of queries at positions [start, start + T) over a cache.
 
   Reads only the cache's chunks of `chunk_size` slots up to position
@@ -283,13 +283,15 @@ class Attention(nnx.Module):
 
   Attributes (static):
     causal: queries see only keys at or before their position.
-    implementation, chunk_size: see `attention`; decoding with a cache always
-      reads the filled chunks of `chunk_size` slots (`cached_attention`).
+    implementation, chunk_size: see `attention`.
+    decode_chunk_size: decoding with a cache reads its filled part in chunks
+      of this many slots (`cached_attention`).
   """
 
   def __init__(self, embed_dim: int, num_heads: int, *, dtype: jnp.dtype,
                rngs: nnx.Rngs, causal: bool = False,
-               implementation: str = "xla", chunk_size: int = 128):
+               implementation: str = "xla", chunk_size: int = 64,
+               decode_chunk_size: int = 32):
     head_dim = embed_dim // num_heads
     qkv_shape = (embed_dim, num_heads, head_dim)
     qkv_names = ("embed", "heads", "head_dim")
@@ -304,6 +306,7 @@ class Attention(nnx.Module):
     self.causal = causal
     self.implementation = implementation
     self.chunk_size = chunk_size
+    self.decode_chunk_size = decode_chunk_size
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
     q_BLHK, k_BLHK, v_BLHK = self._project(x_BLD, positions_BL)
@@ -333,7 +336,7 @@ class Attention(nnx.Module):
                                     (batch, num_tokens))
     q_BTHK, k_BTHK, v_BTHK = self._project(x_BTD, positions_BT)
     cache = cache.write(k_BTHK, v_BTHK, start)
-    out_BTHK = cached_attention(q_BTHK, cache, start, self.chunk_size)
+    out_BTHK = cached_attention(q_BTHK, cache, start, self.decode_chunk_size)
     return self._output(out_BTHK), cache
 
   def _project(self, x_BLD, positions_BL):

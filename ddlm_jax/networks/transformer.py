@@ -55,8 +55,9 @@ class TransformerConfig:
       E-dimensional token-embedding space in, predicted clean points out.
     attention: implementation of `layers.attention`, one of
       layers.ATTENTION_IMPLEMENTATIONS ('cudnn' needs a GPU and bfloat16).
-    attention_chunk_size: query block of 'chunked' attention, and the cache
-      slots read per loop step when decoding.
+    attention_chunk_size: query block of 'chunked' attention.
+    decode_chunk_size: cache slots read per loop step when decoding
+      (`layers.cached_attention`).
   """
   vocab_size: int
   max_len: int
@@ -70,8 +71,9 @@ class TransformerConfig:
   remat: bool = False
   dtype: str = "float32"
   latent_dim: int = 0
-  attention: str = "xla"
-  attention_chunk_size: int = 128
+  attention: str = "chunked"
+  attention_chunk_size: int = 64
+  decode_chunk_size: int = 32
 
   def __post_init__(self):
     for name in ("vocab_size", "max_len", "num_layers", "num_heads",
@@ -97,9 +99,9 @@ class TransformerConfig:
     if self.attention == "cudnn" and self.dtype != "bfloat16":
       raise ValueError("attention='cudnn' (cuDNN flash attention) needs "
                        "dtype='bfloat16'")
-    if self.attention_chunk_size <= 0:
-      raise ValueError("attention_chunk_size must be positive, got "
-                       f"{self.attention_chunk_size}")
+    for name in ("attention_chunk_size", "decode_chunk_size"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
     if self.latent_dim and self.causal:
       raise ValueError("latent_dim > 0 (embedding-space inputs) needs a "
                        "bidirectional model, not causal=True")
@@ -124,7 +126,8 @@ class Block(nnx.Module):
     self.attn = layers.Attention(
         d, config.num_heads, dtype=dtype, rngs=rngs, causal=config.causal,
         implementation=config.attention,
-        chunk_size=config.attention_chunk_size)
+        chunk_size=config.attention_chunk_size,
+        decode_chunk_size=config.decode_chunk_size)
     self.mlp_norm = layers.RMSNorm(d, rngs=rngs)
     self.mlp = layers.Mlp(d, config.mlp_dim, dtype=dtype, rngs=rngs)
     self.modulation = (layers.Modulation(d, 4, d, rngs=rngs)
