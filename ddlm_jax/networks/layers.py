@@ -158,19 +158,17 @@ def attention(
     if jax.default_backend() != "gpu":
       raise ValueError("attention implementation 'cudnn' needs an NVIDIA GPU, "
                        f"the backend is {jax.default_backend()!r}")
-    return jax.nn.dot_product_attention(
-        q_BTHK, k_BSHK, v_BSHK,
-        mask=None if mask_BTS is None else mask_BTS[:, None],
-        implementation="cudnn")
+    return _masked_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, "cudnn")
   return _masked_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS)
 
 
-def _masked_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS):
-  """The XLA path of `jax.nn.dot_product_attention` (logits and softmax in float32)."""
+def _masked_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, implementation="xla"):
+  """`jax.nn.dot_product_attention` (logits and softmax in float32) with an
+  optional bool[B or 1, T, S] mask."""
   return jax.nn.dot_product_attention(
       q_BTHK, k_BSHK, v_BSHK,
       mask=None if mask_BTS is None else mask_BTS[:, None],
-      implementation="xla")
+      implementation=implementation)
 
 
 def _causal_mask(start: jax.Array | int, num_queries: int,
@@ -351,6 +349,7 @@ class Attention(nnx.Module):
 
   def _output(self, out_BLHK):
     return dense(out_BLHK, self.out[...].astype(self.dtype), contracting=2)
+
 
 class Mlp(nnx.Module):
   """Two-layer GELU MLP without biases."""
