@@ -6,7 +6,7 @@ measured in the same run, with issue 12's goal.
 Decoding runs as users get it (`Pipeline.generate` of an autoregressive run): the causal network of
 `config.base_config()` with the shape flags and process 'autoregressive', randomly initialised
 (speed does not depend on the weights), decoded by `experiment.generate_tokens`
-(`networks.transformer.make_decoder` and `samplers.decode`: one `lax.scan` over the positions,
+(`networks.transformer.make_decoder` and `samplers.decode`: one `lax.while_loop` over the positions,
 temperature 1) under one `jax.jit`, with every position free (no prompt): --seq_len new tokens per
 row.
 

@@ -13,8 +13,11 @@ from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import samplers
 from ddlm_jax import sharding
 from ddlm_jax.data import datasets
+from ddlm_jax.decoding import blockwise
+from ddlm_jax.decoding import speculative
+from ddlm_jax.processes import base
 
-PROCESSES = ("masked", "uniform", "d3pm", "gaussian", "autoregressive")
+PROCESSES = ("masked", "uniform", "d3pm", "gaussian", "autoregressive", "block")
 # Each numeric setting that `validate` checks here: (low, high, whether low is excluded, whether
 # high is excluded). Settings read by a frozen dataclass (data, model, process, sample, mesh) are
 # checked by that class.
@@ -91,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
       hybrid_coeff=0.01,         # d3pm: lambda of the hybrid loss VLB + lambda * CE
       num_neighbors=8,           # d3pm 'nearest_neighbor': graph degree over token embeddings
       neighbor_embed_dim=32,     # d3pm 'nearest_neighbor': co-occurrence embedding size
+      block_size=4,              # block: positions per block (BD3-LM); data.seq_len must be a multiple
   ))
 
   config.train = ml_collections.ConfigDict(dict(
@@ -119,6 +123,20 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   config.sample = ml_collections.ConfigDict(dict(
+      # 'auto': block-by-block for process 'block', the scan sampler for the other diffusion families
+      # (the autoregressive baseline decodes left to right) | 'scan' | 'blockwise' (decoding/blockwise.py:
+      # windows of block_length over a KV cache; masked and block processes) | 'speculative'
+      # (decoding/speculative.py: the autoregressive baseline verifying a diffusion drafter's tokens)
+      method="auto",
+      cache="auto",              # blockwise: 'exact' (block) | 'none' | 'prefix' | 'dual' (masked); 'auto':
+                                 # 'exact' for block, 'none' for masked
+      steps_per_block=4,         # blockwise: steps of each window (its strategy: ancestral, random, low_confidence)
+      # blockwise strategies that reveal every position they are sure of (steps_per_block unused):
+      # 'threshold' (confidence >= threshold), 'factor' (Fast-dLLM's factor rule), 'entropy_bound' (EB-sampler)
+      threshold=0.9, factor=1.0, entropy_bound=0.1,
+      # speculative (an autoregressive model, with a diffusion drafter given to Pipeline.generate):
+      # tokens drafted per round and the drafter's steps for them
+      draft_length=4, draft_steps=2,
       num_samples=8, steps=64, strategy="ancestral", temperature=1.0, block_length=0,
       top_k=config_dict.placeholder(int),  # None: no top-k limit
       top_p=1.0,
@@ -141,6 +159,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.eval.exact_time_sum sums the steps of a discrete-time bound: it needs "
                      f"process 'd3pm', not {config.process.name!r}")
   _check_pair_task_settings(config)
+  if config.process.name == "block" and config.data.seq_len % config.process.block_size:
+    raise ValueError(f"config.data.seq_len={config.data.seq_len} must be a multiple of "
+                     f"config.process.block_size={config.process.block_size} (block diffusion decodes whole blocks)")
   # The objects the settings make, over a stand-in vocabulary, check the settings themselves.
   with _errors_named("config.data"):
     data_config(config)
@@ -155,8 +176,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"config.mesh.tensor={config.mesh.tensor}: the vocabulary is split over the tensor axis")
   with _errors_named("config.sample"):
     sampler = sampler_config(config)
-    sampler.max_blocks(config.data.seq_len)
-    samplers.check_sampler(process, sampler)
+    if isinstance(sampler, blockwise.BlockwiseConfig):
+      blockwise.check_blockwise(process, sampler, config.data.seq_len)
+    elif isinstance(sampler, samplers.SamplerConfig):
+      sampler.max_blocks(config.data.seq_len)
+      samplers.check_sampler(process, sampler)
   for key, (low, high, low_open, high_open) in NUMERIC_RANGES.items():
     value = config[key]
     if not (math.isfinite(value) and (low < value if low_open else low <= value)
@@ -188,11 +212,48 @@ def _errors_named(group: str):
     raise ValueError(f"{group}: {error}") from error
 
 
-def sampler_config(config: ml_collections.ConfigDict, **overrides) -> samplers.SamplerConfig:
-  """The frozen sampler settings of a config's `sample` group (with overrides)."""
+BLOCKWISE_ONLY_KEYS = ("cache", "steps_per_block", "threshold", "factor", "entropy_bound")
+SPECULATIVE_ONLY_KEYS = ("draft_length", "draft_steps")
+METHODS = ("auto", "scan", "blockwise", "speculative")
+DecodingConfig = samplers.SamplerConfig | blockwise.BlockwiseConfig | speculative.SpeculativeConfig
+
+
+def sampler_config(config: ml_collections.ConfigDict, **overrides) -> DecodingConfig:
+  """The frozen decoding settings of a config's `sample` group (with overrides): the scan sampler's
+  (`samplers.SamplerConfig`, which the autoregressive baseline's own decoding reads too),
+  block-by-block decoding's (`blockwise.BlockwiseConfig`, whose window is block_length, the
+  process's block for 'block', and whose rule is the strategy), or speculative decoding's
+  (`speculative.SpeculativeConfig`, for an autoregressive model with a diffusion drafter)."""
   settings = {**config.sample.to_dict(), **overrides}
   del settings["num_samples"]
-  return samplers.SamplerConfig(**settings)
+  method = settings.pop("method")
+  if method not in METHODS:
+    raise ValueError(f"sample method {method!r} is not one of {METHODS}")
+  is_block = config.process.name == "block"
+  if method == "auto":
+    method = "blockwise" if is_block else "scan"
+  blockwise_settings = {key: settings.pop(key) for key in BLOCKWISE_ONLY_KEYS}
+  speculative_settings = {key: settings.pop(key) for key in SPECULATIVE_ONLY_KEYS}
+  if method == "scan":
+    return samplers.SamplerConfig(**settings)
+  for key in ("record_trajectory", "guidance_scale"):
+    default = samplers.SamplerConfig.__dataclass_fields__[key].default
+    if settings.get(key, default) != default:
+      raise ValueError(f"{key} applies to the scan sampler (method 'scan'), not to method {method!r}")
+  draw = dict(temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"])
+  if method == "speculative":
+    if config.process.name != "autoregressive":
+      raise ValueError("method 'speculative' decodes an autoregressive model with a diffusion drafter; the "
+                       f"process is {config.process.name!r}")
+    return speculative.SpeculativeConfig(**speculative_settings, draw=base.TokenDraw(**draw))
+  cache = blockwise_settings["cache"]
+  if cache == "auto":
+    cache = "exact" if is_block else "none"
+  block_size = settings["block_length"] or (config.process.block_size if is_block else 0)
+  if not block_size:
+    raise ValueError("method 'blockwise' on a bidirectional model needs block_length > 0 (its window)")
+  return blockwise.BlockwiseConfig(block_size=block_size, rule=settings["strategy"], **draw,
+                                   **{**blockwise_settings, "cache": cache})
 
 
 def data_config(config: ml_collections.ConfigDict) -> datasets.DataConfig:

@@ -32,8 +32,11 @@ from ddlm_jax import sharding
 from ddlm_jax.data import datasets
 from ddlm_jax.data import pairs as pairs_lib
 from ddlm_jax.data import tokenizers
+from ddlm_jax.decoding import blockwise
+from ddlm_jax.decoding import speculative
 from ddlm_jax.networks import transformer
 from ddlm_jax.processes import autoregressive
+from ddlm_jax.processes import block
 from ddlm_jax.processes import d3pm
 from ddlm_jax.processes import gaussian
 from ddlm_jax.processes import masked
@@ -100,6 +103,9 @@ def make_process(settings: ml_collections.ConfigDict, vocab_size: int,
   if settings.name == "masked":
     return masked.MaskedDiffusion(vocab_size=vocab_size, mask_id=tokenizers.MASK_ID, schedule=schedule,
                                   antithetic_time=settings.antithetic_time)
+  if settings.name == "block":
+    return block.BlockDiffusion(vocab_size=vocab_size, mask_id=tokenizers.MASK_ID, block_size=settings.block_size,
+                                schedule=schedule, antithetic_time=settings.antithetic_time)
   if settings.name == "uniform":
     return uniform.UniformDiffusion(vocab_size=vocab_size, schedule=schedule,
                                     antithetic_time=settings.antithetic_time)
@@ -146,13 +152,17 @@ def model_config(config: ml_collections.ConfigDict, process) -> transformer.Tran
   latent_dim = process.latent_dim if isinstance(process, gaussian.GaussianDiffusion) else 0
   if latent_dim and not config.model.time_conditioning:
     raise ValueError("process 'gaussian' needs time_conditioning=True")
+  block_size = process.block_size if isinstance(process, block.BlockDiffusion) else 0
+  if block_size and config.model.time_conditioning:
+    raise ValueError("process 'block' needs time_conditioning=False: the blocks of a row are at different times")
   network_settings = config.model.to_dict()
   vocab_multiple = network_settings.pop("vocab_multiple")
   if isinstance(vocab_multiple, bool) or not isinstance(vocab_multiple, int) or vocab_multiple < 1:
     raise ValueError(f"vocab_multiple must be an integer >= 1 (1: no padding), got {vocab_multiple!r}")
   padded_vocab_size = -(-process.vocab_size // vocab_multiple) * vocab_multiple
   return transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=config.data.seq_len,
-                                       causal=process.causal_network, latent_dim=latent_dim, **network_settings)
+                                       causal=process.causal_network, latent_dim=latent_dim, block_size=block_size,
+                                       **network_settings)
 
 
 def make_experiment(config: ml_collections.ConfigDict, vocab_size: int,
@@ -212,24 +222,30 @@ def abstract_params(model: transformer.TransformerConfig,
 
 def bind(graphdef: nnx.GraphDef, params: nnx.State,
          dropout_key: jax.Array | None = None) -> Callable | gaussian.EmbeddingModel:
-  """model_fn(x_t_BL, t_B) -> logits_BLV of the network with these parameters; for an
-  embedding-space network (the Gaussian family) its denoiser with its embedding table."""
+  """model_fn(x_t_BL, t_B, **inputs) -> logits_BLV of the network with these parameters (inputs:
+  a block network's clean_tokens_BL); for an embedding-space network (the Gaussian family) its
+  denoiser with its embedding table."""
   model = nnx.merge(graphdef, params)
-  model_fn = lambda xt_BL, t_B: model(xt_BL, t_B, dropout_key=dropout_key)
+  model_fn = lambda xt_BL, t_B, **inputs: model(xt_BL, t_B, dropout_key=dropout_key, **inputs)
   if model.config.latent_dim:
     return gaussian.EmbeddingModel(model_fn, model.embedding[...])
   return model_fn
 
 
-def generate_tokens(graphdef: nnx.GraphDef, params: nnx.State, process, sampler_config: samplers.SamplerConfig,
+def generate_tokens(graphdef: nnx.GraphDef, params: nnx.State, process,
+                    sampler_config: samplers.SamplerConfig | blockwise.BlockwiseConfig | speculative.SpeculativeConfig,
                     fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array, *,
                     row_ids_B: jax.Array | None = None, condition_BL: jax.Array | None = None,
                     null_id: int | None = None, guide_fn: guidance.GuideFn | None = None,
-                    eos_id: int | None = None, pad_id: int | None = None, prefill_length: int = 0):
+                    eos_id: int | None = None, pad_id: int | None = None, prefill_length: int = 0,
+                    drafter: speculative.Drafter | None = None):
   """Token ids sampled from the network under `process`, without a checkpoint or tokenizer:
   KV-cache decoding (`samplers.decode` over `transformer.make_decoder`) for the autoregressive
-  baseline, the scan sampler (`samplers.sample`) for a diffusion process. Pure; jit it with
-  everything but the arrays static, e.g. on freshly initialised parameters:
+  baseline, or with a `SpeculativeConfig` speculative decoding of it with a diffusion `drafter`
+  (`decoding.speculative`); for a diffusion process the scan sampler (`samplers.sample`) under a
+  `SamplerConfig`, block-by-block decoding (`decoding.blockwise`, with its KV cache) under a
+  `BlockwiseConfig`.
+  Pure; jit it with everything but the arrays static, e.g. on freshly initialised parameters:
 
     experiment = make_experiment(config, vocab_size)
     graphdef, params = nnx.split(transformer.Transformer(experiment.model, rngs=nnx.Rngs(0)), nnx.Param)
@@ -242,25 +258,52 @@ def generate_tokens(graphdef: nnx.GraphDef, params: nnx.State, process, sampler_
     graphdef, params: the network (`nnx.merge(graphdef, params)`); params may be sharded
       (`sharding.create_sharded_model`).
     process: the process the network is trained under (`Experiment.process`).
-    sampler_config: sampler settings; the autoregressive baseline reads only the token draw
-      (temperature, top_k, top_p) and refuses guidance and record_trajectory.
+    sampler_config: sampler settings (`config.decoding_config` makes them from a run's config); the
+      autoregressive baseline reads only the token draw (temperature, top_k, top_p) and refuses
+      guidance and record_trajectory; block diffusion decodes under a `BlockwiseConfig` only.
     fixed_tokens_BL: int32[B, L], tokens at fixed positions (ignored elsewhere).
-    fixed_BL: bool[B, L], positions that are never changed (prompt, constraints).
+    fixed_BL: bool[B, L], positions that are never changed (prompt, constraints, [PAD] past a
+      row's last position to generate).
     key: PRNG key.
     row_ids_B: int32[B] identities of the rows for their randomness; defaults to 0..B-1.
-    condition_BL, null_id: classifier-free guidance's condition positions and null token.
+    condition_BL, null_id: classifier-free guidance's condition positions and null token (scan).
     guide_fn: classifier guidance (the Gaussian family).
-    eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD].
-    prefill_length: the autoregressive baseline only: positions [0, P), fixed in every row, are
-      fed as one chunk (`samplers.decode`).
+    eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD]; block-by-block
+      decoding also stops each row at the window holding its [EOS].
+    prefill_length: positions [0, P), fixed in every row, fed as one chunk: autoregressive decoding
+      (`samplers.decode`) and block diffusion (`blockwise.decode_blocks`, P a multiple of the block).
+    drafter: speculative decoding's drafter, e.g. `speculative.MaskedDrafter(bind(...), process)`.
 
   Returns:
-    tokens int32[B, L]; with `sampler_config.record_trajectory` (diffusion only), also the tokens
-    after every step int32[steps, B, L].
+    tokens int32[B, L]; with `sampler_config.record_trajectory` (scan only), also the tokens after
+    every step int32[steps, B, L].
   """
+  name = type(process).__name__
+  if isinstance(sampler_config, speculative.SpeculativeConfig):
+    if not process.causal_network or drafter is None:
+      raise ValueError(f"speculative decoding needs an autoregressive model and a drafter; got {name}"
+                       f"{'' if drafter else ' and no drafter'}")
+    if guide_fn is not None or prefill_length:
+      raise ValueError("speculative decoding takes no classifier guidance and no prefill_length")
+    cache, step_fn = transformer.make_decoder(graphdef, params, *fixed_BL.shape)
+    return speculative.speculative_decode(step_fn, cache, process, drafter, sampler_config, fixed_tokens_BL,
+                                          fixed_BL, key, row_ids_B=row_ids_B, eos_id=eos_id, pad_id=pad_id)[0]
+  if isinstance(sampler_config, blockwise.BlockwiseConfig):
+    if guide_fn is not None:
+      raise ValueError("classifier guidance moves the Gaussian family's steps; block-by-block decoding has none")
+    network = blockwise.Network(bind(graphdef, params))
+    if sampler_config.cache != "none":
+      cache, step_fn = transformer.make_decoder(graphdef, params, *fixed_BL.shape)
+      network = blockwise.Network(network.model_fn, step_fn, cache)
+    return blockwise.decode_blocks(network, process, sampler_config, fixed_tokens_BL, fixed_BL, key,
+                                   row_ids_B=row_ids_B, eos_id=eos_id, pad_id=pad_id,
+                                   prefill_length=prefill_length)[0]
+  if isinstance(process, block.BlockDiffusion):
+    raise ValueError("block diffusion decodes block by block: pass a blockwise.BlockwiseConfig "
+                     "(method 'blockwise'), not the scan sampler's settings")
   if not process.causal_network:
     if prefill_length:
-      raise ValueError(f"prefill_length applies to autoregressive decoding, not to {type(process).__name__}")
+      raise ValueError(f"prefill_length applies to autoregressive and block decoding, not to {name}'s scan")
     return samplers.sample(bind(graphdef, params), process, sampler_config, fixed_tokens_BL, fixed_BL, key,
                            row_ids_B, eos_id=eos_id, pad_id=pad_id, condition_BL=condition_BL, null_id=null_id,
                            guide_fn=guide_fn)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from flax import nnx
 
 from ddlm_jax import checkpoint
@@ -20,6 +21,9 @@ from ddlm_jax.data import batching
 from ddlm_jax.data import datasets
 from ddlm_jax.data import pairs
 from ddlm_jax.data import tokenizers
+from ddlm_jax.decoding import blockwise
+from ddlm_jax.decoding import speculative
+from ddlm_jax.processes import masked
 
 
 def _split_guide(guide_fn: guidance.GuideFn | None) -> tuple[list, Any]:
@@ -75,59 +79,81 @@ class Pipeline:
           self.graphdef, self.process, exact_time_sum=exact_time_sum, pairs=self._pairs)
     return self._nelbo_fns[exact_time_sum]
 
-  def _sampler(self, sampler_config: samplers.SamplerConfig, prefill_length: int, pad_after_eos: bool,
-               guide_fn: guidance.GuideFn | None):
+  def _sampler(self, sampler_config: config_lib.DecodingConfig, prefill_length: int, pad_after_eos: bool,
+               guide_fn: guidance.GuideFn | None, drafter: "Pipeline | None"):
     """The jitted `experiment.generate_tokens` of one configuration (compiled once per batch and
     length; for the autoregressive baseline, after a prefill of the rows' common prompt prefix). A
     guide's arrays are arguments of the jitted function (`_split_guide`), so guides of one
-    structure share it whatever their parameters."""
+    structure share it whatever their parameters; so are a speculative drafter's parameters."""
     guide_static = _split_guide(guide_fn)[1]
-    name = (sampler_config, prefill_length, pad_after_eos, guide_static)
+    drafter_static = None if drafter is None else (drafter.graphdef, drafter.process)
+    name = (sampler_config, prefill_length, pad_after_eos, guide_static, drafter_static)
     if name in self._samplers:
       return self._samplers[name]
     special_ids = dict(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id) if pad_after_eos else {}
 
-    def run(params, fixed_tokens_BL, fixed_BL, condition_BL, key, row_ids_B, guide_arrays):
+    def run(params, fixed_tokens_BL, fixed_BL, condition_BL, key, row_ids_B, guide_arrays, drafter_params):
+      drafter_fn = None if drafter is None else speculative.MaskedDrafter(
+          experiment_lib.bind(drafter.graphdef, drafter_params), drafter.process)
       return experiment_lib.generate_tokens(
           self.graphdef, params, self.process, sampler_config, fixed_tokens_BL, fixed_BL, key, row_ids_B=row_ids_B,
           condition_BL=condition_BL, null_id=self.tokenizer.pad_id, guide_fn=_join_guide(guide_arrays, guide_static),
-          prefill_length=prefill_length, **special_ids)
+          prefill_length=prefill_length, drafter=drafter_fn, **special_ids)
     self._samplers[name] = jax.jit(run)
     return self._samplers[name]
 
   def _run(self, fixed_tokens_NL: np.ndarray, fixed_NL: np.ndarray, condition_NL: np.ndarray,
-           sampler_config: samplers.SamplerConfig, seed: int, batch_size: int, pad_after_eos: bool,
-           guide_fn: guidance.GuideFn | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+           sampler_config: config_lib.DecodingConfig, seed: int, batch_size: int, pad_after_eos: bool,
+           guide_fn: guidance.GuideFn | None = None,
+           drafter: "Pipeline | None" = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Sampled canvases int32[N, L], in batches; row n's randomness depends only on (seed, n).
     With `sampler_config.record_trajectory`, also the canvas after every step int32[steps, N, L]."""
     num_rows = len(fixed_NL)
+    record = getattr(sampler_config, "record_trajectory", False)
     key = jax.random.key(seed)
     batch_size = min(batch_size, 1 << (num_rows - 1).bit_length())  # few shapes, little padding
     guide_arrays = _split_guide(guide_fn)[0]
     tokens, trajectories = [], []
-    for start in range(0, num_rows, batch_size):
+    batch_starts = range(0, num_rows, batch_size)
+    for start in tqdm.tqdm(batch_starts, desc="generate", unit="batch", disable=len(batch_starts) < 2,
+                           dynamic_ncols=True):
       rows = np.arange(start, min(start + batch_size, num_rows))
       padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
-      prefill_length = samplers.fixed_prefix_length(fixed_NL[padded]) if self.process.causal_network else 0
-      prefill_length = 1 << (prefill_length.bit_length() - 1) if prefill_length else 0  # few compilations
-      run = self._sampler(sampler_config, prefill_length, pad_after_eos, guide_fn)
+      run = self._sampler(sampler_config, self._prefill_length(sampler_config, fixed_NL[padded]), pad_after_eos,
+                          guide_fn, drafter)
       outputs = run(self.params, fixed_tokens_NL[padded], fixed_NL[padded], condition_NL[padded], key,
-                    jnp.asarray(padded), guide_arrays)
-      tokens_BL, trajectory_SBL = outputs if sampler_config.record_trajectory else (outputs, None)
+                    jnp.asarray(padded), guide_arrays, None if drafter is None else drafter.params)
+      tokens_BL, trajectory_SBL = outputs if record else (outputs, None)
       tokens.append(np.asarray(tokens_BL)[:len(rows)])
-      if sampler_config.record_trajectory:
+      if record:
         trajectories.append(np.asarray(trajectory_SBL)[:, :len(rows)])
     tokens_NL = np.concatenate(tokens)
-    return (tokens_NL, np.concatenate(trajectories, axis=1)) if sampler_config.record_trajectory else tokens_NL
+    return (tokens_NL, np.concatenate(trajectories, axis=1)) if record else tokens_NL
 
-  def _sampler_config(self, settings: dict) -> samplers.SamplerConfig:
+  def _prefill_length(self, sampler_config, fixed_BL: np.ndarray) -> int:
+    """The leading positions fixed in every row that a cached decoder runs as one chunk: for the
+    autoregressive baseline the largest power of two within them, for block diffusion's exact cache
+    a power of two of whole blocks; 0 for the others. Few lengths, few compilations."""
+    if isinstance(sampler_config, speculative.SpeculativeConfig):
+      return 0
+    if self.process.causal_network:
+      unit = 1
+    elif isinstance(sampler_config, blockwise.BlockwiseConfig) and sampler_config.cache == "exact":
+      unit = sampler_config.block_size
+    else:
+      return 0
+    units = samplers.fixed_prefix_length(fixed_BL) // unit
+    return unit << (units.bit_length() - 1) if units else 0
+
+  def _sampler_config(self, settings: dict) -> config_lib.DecodingConfig:
     """The run's `config.sample` settings with the given ones on top."""
     return config_lib.sampler_config(self.config, **settings)
 
   def generate(self, prompts: str | Sequence[str] | None = None, *, num_samples: int | None = None,
-               length: int | None = None, constraints: Sequence[Mapping[int, str]] | None = None,
-               seed: int = 0, batch_size: int = 64, guide_fn: guidance.GuideFn | None = None,
-               record_trajectory: bool = False, **settings) -> list[str] | tuple[list[str], np.ndarray]:
+               length: int | None = None, max_new_tokens: int | None = None,
+               constraints: Sequence[Mapping[int, str]] | None = None, seed: int = 0, batch_size: int = 64,
+               guide_fn: guidance.GuideFn | None = None, record_trajectory: bool = False,
+               drafter: "Pipeline | None" = None, **settings) -> list[str] | tuple[list[str], np.ndarray]:
     """Samples texts: from scratch, continuing prompts, and/or with tokens fixed anywhere (infilling).
 
     Args:
@@ -135,6 +161,10 @@ class Pipeline:
         `num_samples` texts (or one per constraint) from scratch.
       num_samples: number of unconditional samples (default: the config's sample.num_samples).
       length: canvas length in tokens, prompt included (default and maximum: the training length).
+      max_new_tokens: at most this many tokens after each row's prompt (the rest of its canvas is
+        [PAD]); the canvas is then as long as the longest prompt plus these, within `length`, and
+        rounded up to whole windows for block-by-block decoding, which stops each row at the
+        window holding its [EOS] and the batch when every row is done.
       constraints: per text, {token position: text}: the text's tokens are fixed from that
         position on (e.g. {4: " blue"}); fixed tokens are never changed.
       seed: the i-th text's randomness depends only on (seed, i), not on the batch it lands in.
@@ -143,10 +173,15 @@ class Pipeline:
         sampler compiles once for guides of one structure when their arrays are pytree leaves (as
         with `control.attribute_log_prob_fn`), and once per function for a plain function inside.
       record_trajectory: also return the canvas after every step (diffusion families).
-      **settings: sampler settings over the run's `config.sample` (steps, strategy, temperature,
-        top_k, top_p, block_length, eta, clamp; see `samplers.SamplerConfig`; the autoregressive
-        baseline uses only temperature, top_k and top_p). guidance_scale is `translate`'s: a
-        sample from scratch has no condition to guide toward.
+      drafter: method 'speculative': a masked-diffusion Pipeline with this one's tokenizer, whose
+        drafts this autoregressive model verifies (the output follows this model exactly).
+      **settings: decoding settings over the run's `config.sample` (see `config.sampler_config`):
+        method ('auto', 'scan', 'blockwise', 'speculative'), steps, strategy, temperature, top_k,
+        top_p, block_length, eta, clamp (`samplers.SamplerConfig`), cache, steps_per_block,
+        threshold, factor, entropy_bound (`decoding.blockwise.BlockwiseConfig`), draft_length and
+        draft_steps (`decoding.speculative.SpeculativeConfig`); the autoregressive baseline's own
+        decoding uses only temperature, top_k and top_p. guidance_scale is `translate`'s: a sample from scratch has no condition
+        to guide toward.
 
     Returns:
       The decoded texts (prompt included), up to their first [EOS], one per prompt (a list of one
@@ -173,10 +208,25 @@ class Pipeline:
     constraints = [{}] * num_texts if constraints is None else list(constraints)
     if len(constraints) != num_texts:
       raise ValueError(f"{len(constraints)} constraints for {num_texts} texts")
-    fixed_tokens_NL, fixed_NL = self._canvas(prompts, constraints, length)
     sampler_config = self._sampler_config({**settings, "guidance_scale": 1.0, "record_trajectory": record_trajectory})
+    if max_new_tokens is not None:
+      if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+      prompt_lengths_N = np.array([len(self.tokenizer.encode(prompt)) for prompt in prompts])
+      window = sampler_config.block_size if isinstance(sampler_config, blockwise.BlockwiseConfig) else 1
+      length = min(length, -(-(prompt_lengths_N.max() + max_new_tokens) // window) * window)
+    fixed_tokens_NL, fixed_NL = self._canvas(prompts, constraints, length)
+    if max_new_tokens is not None:
+      past_end_NL = np.arange(length) >= (prompt_lengths_N + max_new_tokens)[:, None]
+      fixed_tokens_NL = np.where(past_end_NL & ~fixed_NL, self.tokenizer.pad_id, fixed_tokens_NL)
+      fixed_NL = fixed_NL | past_end_NL
+    if isinstance(sampler_config, speculative.SpeculativeConfig) != (drafter is not None):
+      raise ValueError("method 'speculative' and drafter= go together: a drafter Pipeline proposes the tokens "
+                       "that this autoregressive model verifies")
+    if drafter is not None:
+      self._check_drafter(drafter, length)
     outputs = self._run(fixed_tokens_NL, fixed_NL, np.zeros_like(fixed_NL), sampler_config, seed, batch_size,
-                        pad_after_eos=True, guide_fn=guide_fn)
+                        pad_after_eos=True, guide_fn=guide_fn, drafter=drafter)
     tokens_NL, trajectory_SNL = outputs if record_trajectory else (outputs, None)
     texts = [self.tokenizer.decode(row) for row in tokens_NL.tolist()]
     return (texts, trajectory_SNL) if record_trajectory else texts
@@ -222,6 +272,15 @@ class Pipeline:
     targets = [self.tokenizer.decode(row[~source_L]) for row, source_L in zip(outputs_NL, source_NL)]
     grouped = [targets[i:i + num_candidates] for i in range(0, len(targets), num_candidates)]
     return [candidates[evaluate.mbr_select(candidates)] for candidates in grouped]
+
+  def _check_drafter(self, drafter: "Pipeline", length: int) -> None:
+    """Raises ValueError unless `drafter` can draft for this model on a canvas of `length`."""
+    if not isinstance(drafter.process, masked.MaskedDiffusion):
+      raise ValueError(f"the drafter must be a masked-diffusion model, got {type(drafter.process).__name__}")
+    if drafter.tokenizer.vocab_size != self.tokenizer.vocab_size or drafter.process.vocab_size != self.process.vocab_size:
+      raise ValueError("the drafter's tokenizer must be this model's (their vocabularies differ)")
+    if drafter.seq_len < length:
+      raise ValueError(f"the drafter's canvas holds {drafter.seq_len} tokens, fewer than the {length} asked for")
 
   def _canvas(self, prompts: Sequence[str], constraints: Sequence[Mapping[int, str]],
               length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,9 @@ Strategies:
                     revealed per step, chosen at random.
   'low_confidence'  absorbing processes (LLaDA): the k masked positions whose sampled token the
                     model is most sure of are revealed.
+  'first_hitting'   the continuous-time masked process: its exact reverse process, one network call
+                    per revealed token (Zheng et al. 2024), run until every row is complete
+                    (`first_hitting`); `steps` does not apply.
 The k-strategies reveal the positions of each block evenly over the block's steps; with
 `block_length > 0` blocks are generated left to right (semi-autoregressive, LLaDA sec. 2.4).
 Every strategy draws its tokens with the same `base.TokenDraw` (temperature, top-k, top-p).
@@ -46,11 +49,12 @@ import numpy as np
 from ddlm_jax import guidance
 from ddlm_jax.processes import base
 from ddlm_jax.processes import gaussian
+from ddlm_jax.processes import masked
 
 REVEAL_STRATEGIES = ("random", "low_confidence")  # absorbing processes
 TOKEN_STRATEGIES = ("ancestral",) + REVEAL_STRATEGIES
 EMBEDDING_STRATEGIES = ("ancestral", "ddim")  # the Gaussian family
-STRATEGIES = TOKEN_STRATEGIES + ("ddim",)
+STRATEGIES = TOKEN_STRATEGIES + ("first_hitting", "ddim")  # first_hitting: the masked process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +62,16 @@ class SamplerConfig:
   """Settings of the reverse process (static under jit).
 
   Attributes:
-    steps: number of reverse steps (network evaluations).
+    steps: number of reverse steps (network evaluations); not used by 'first_hitting', which calls
+      the network once per revealed token (at most L times).
     strategy: one of STRATEGIES.
     temperature: softmax temperature of the token draws; 0 takes the argmax.
     top_k: draw only among the k most likely tokens (None: all).
     top_p: draw only from the nucleus of mass top_p (1: all).
     block_length: free positions per semi-autoregressive block; 0 = one block. A row with n free
       positions has ceil(n / block_length) blocks, which share the steps as evenly as possible.
-    record_trajectory: also return the canvas after every step.
+    record_trajectory: also return the canvas after every step ('first_hitting': L steps, the
+      final canvas repeated after the last reveal).
     eta: DDIM's noise scale (strategy 'ddim'; 0: deterministic, 1: the DDPM step).
     clamp: Gaussian family: snap z0_hat to the nearest embedding before each step.
     guidance_scale: classifier-free guidance scale w (0: unconditional, 1: conditional, no
@@ -90,8 +96,8 @@ class SamplerConfig:
     self.draw  # validates temperature, top_k and top_p
     if self.block_length < 0:
       raise ValueError(f"sampler block_length must be >= 0, got {self.block_length}")
-    if self.block_length and self.strategy in ("ancestral", "ddim"):
-      raise ValueError("block_length needs strategy 'random' or 'low_confidence'")
+    if self.block_length and self.strategy not in REVEAL_STRATEGIES:
+      raise ValueError(f"block_length needs strategy 'random' or 'low_confidence', not {self.strategy!r}")
     if not self.eta >= 0:
       raise ValueError(f"sampler eta must be >= 0, got {self.eta}")
     if not self.guidance_scale >= 0:
@@ -232,6 +238,67 @@ def pad_after_eos(tokens_BL: jax.Array, fixed_BL: jax.Array, eos_id: int, pad_id
   return jnp.where(after_eos_BL & ~fixed_BL, pad_id, tokens_BL)
 
 
+def first_hitting(model_fn: base.ModelFn, process: masked.MaskedDiffusion, config: SamplerConfig,
+                  canvas: base.Canvas, row_keys_B: jax.Array) -> tuple[base.Canvas, jax.Array | None]:
+  """The exact reverse process of the masked process, one revealed token per row and network call
+  (first-hitting sampling, Zheng et al. 2024), as one `lax.while_loop` that stops when no row has a
+  masked free position.
+
+  A token masked at time t is still masked at s < t with probability m(s) / m(t), m =
+  `schedule.mask_prob`, so each of a row's n masked positions has its own reveal time tau_l with
+  m(tau_l) = m(t) v_l, v_l ~ U(0, 1) (a fresh draw per step is right: the process is Markov).
+  The row's next reveal is the latest of them: the position with the largest v_l, chosen uniformly,
+  at m(tau) = m(t) max_l v_l (max_l v_l ~ u^(1/n)). Nothing changes in (tau, t), so its token is
+  drawn with config.draw from p(x_0 | x_t) read from the network at (canvas, tau); then t <- tau.
+  Each row's time enters only the network call, so a network that ignores time samples in a
+  uniformly random order, one token at a time. A complete row does nothing; step i uses the keys
+  `step_keys(row_keys_B, i)`.
+
+  Args:
+    model_fn: (x_t int32[B, L], t float32[B]) -> logits float32[B, L, W].
+    process: the masked process.
+    config: the token draw and record_trajectory.
+    canvas: the prior draw at t = 1 (`process.initial_state`).
+    row_keys_B: the rows' keys.
+
+  Returns:
+    The complete canvas, and with config.record_trajectory the canvas after every step
+    int32[L, B, L] (L steps bound the loop; after a batch's last reveal the final canvas is repeated).
+  """
+  batch_size, length = canvas.tokens_BL.shape
+  masked_free = lambda canvas: (canvas.tokens_BL == process.mask_id) & ~canvas.fixed_BL
+
+  def body(carry):
+    canvas, mask_prob_B, step, trajectory_SBL = carry
+    token_u_BL, survival_u_BL = base.step_uniforms(step_keys(row_keys_B, step), length)
+    masked_BL = masked_free(canvas)
+    survival_BL = jnp.where(masked_BL, survival_u_BL, -1.0)
+    position_B1 = jnp.argmax(survival_BL, axis=1)[:, None]
+    active_B = masked_BL.any(axis=1)
+    mask_prob_B = jnp.where(active_B, mask_prob_B * survival_BL.max(axis=1), mask_prob_B)
+    t_B = process.schedule.time_at_mask_prob(mask_prob_B)
+    logits_BLW = model_fn(canvas.network_input, t_B)
+    logits_B1W = jnp.take_along_axis(logits_BLW, position_B1[..., None], axis=1)
+    log_probs_B1V = process.denoiser_log_probs(
+        logits_B1W, jnp.take_along_axis(canvas.tokens_BL, position_B1, axis=1), t_B)
+    token_B1 = config.draw(log_probs_B1V, jnp.take_along_axis(token_u_BL, position_B1, axis=1))
+    reveal_BL = active_B[:, None] & (jnp.arange(length) == position_B1)
+    canvas = canvas.moved_to(jnp.where(reveal_BL, token_B1, canvas.tokens_BL))
+    if config.record_trajectory:
+      trajectory_SBL = trajectory_SBL.at[step].set(canvas.tokens_BL)
+    return canvas, mask_prob_B, step + 1, trajectory_SBL
+
+  initial_mask_prob_B = process.schedule.mask_prob(jnp.ones((batch_size,), jnp.float32))
+  trajectory_SBL = jnp.zeros((length, batch_size, length), jnp.int32) if config.record_trajectory else None
+  canvas, _, num_steps, trajectory_SBL = jax.lax.while_loop(
+      lambda carry: masked_free(carry[0]).any(), body,
+      (canvas, initial_mask_prob_B, jnp.zeros((), jnp.int32), trajectory_SBL))
+  if config.record_trajectory:
+    after_last_S11 = (jnp.arange(length) >= num_steps)[:, None, None]
+    trajectory_SBL = jnp.where(after_last_S11, canvas.tokens_BL, trajectory_SBL)
+  return canvas, trajectory_SBL
+
+
 def sample(model_fn: base.ModelFn | gaussian.EmbeddingModel, process: base.DiffusionProcess,
            config: SamplerConfig, fixed_tokens_BL: jax.Array, fixed_BL: jax.Array, key: jax.Array,
            row_ids_B: jax.Array | None = None, eos_id: int | None = None,
@@ -239,13 +306,14 @@ def sample(model_fn: base.ModelFn | gaussian.EmbeddingModel, process: base.Diffu
            null_id: int | None = None, guide_fn: guidance.GuideFn | None = None):
   """Runs the reverse process from the prior to a clean canvas: `process.initial_state`, then one
   `lax.scan` over the steps of the network at `state.network_input` and the process's step (the
-  strategy's), then `process.tokens`.
+  strategy's; 'first_hitting': a loop of one reveal per row, `first_hitting`), then `process.tokens`.
 
   Args:
     model_fn: (x_t int32[B, L], t float32[B]) -> logits float32[B, L, W]; for the Gaussian
       family a `gaussian.EmbeddingModel`.
     process: a diffusion process (`base.DiffusionProcess`); the k-reveal strategies need an
-      absorbing one, 'ddim', clamp and guide_fn the Gaussian family (see `check_sampler`).
+      absorbing one, 'first_hitting' the masked process, 'ddim', clamp and guide_fn the Gaussian
+      family (see `check_sampler`).
     config: sampler settings.
     fixed_tokens_BL: int32[B, L], tokens at fixed positions (ignored elsewhere).
     fixed_BL: bool[B, L], positions that are never changed (prompt, constraints, padding).
@@ -260,7 +328,7 @@ def sample(model_fn: base.ModelFn | gaussian.EmbeddingModel, process: base.Diffu
 
   Returns:
     tokens int32[B, L]; with `config.record_trajectory`, also the tokens after every step
-    int32[steps, B, L] (the Gaussian family's z rounded to tokens).
+    int32[steps, B, L] (the Gaussian family's z rounded to tokens; L steps for 'first_hitting').
   """
   check_sampler(process, config, condition_BL=condition_BL, null_id=null_id, guide_fn=guide_fn,
                 sampling=True)
@@ -268,7 +336,9 @@ def sample(model_fn: base.ModelFn | gaussian.EmbeddingModel, process: base.Diffu
   if row_ids_B is None:
     row_ids_B = jnp.arange(batch_size)
   row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids_B)
-  state = process.initial_state(model_fn, fixed_tokens_BL, fixed_BL, step_keys(row_keys_B, config.steps))
+  # The prior draws with the key after the last step's (first_hitting takes at most L steps).
+  num_steps = fixed_BL.shape[1] if config.strategy == "first_hitting" else config.steps
+  state = process.initial_state(model_fn, fixed_tokens_BL, fixed_BL, step_keys(row_keys_B, num_steps))
   if config.guidance_scale != 1.0:
     model_fn = guidance.classifier_free(model_fn, condition_BL, process.clean_input(state, null_id),
                                         config.guidance_scale)
@@ -287,7 +357,10 @@ def sample(model_fn: base.ModelFn | gaussian.EmbeddingModel, process: base.Diffu
       state = process.reverse_step(state, output, t, s, keys_B, config.step_settings, **guide)
     return state, process.tokens(state).astype(jnp.int32) if config.record_trajectory else None
 
-  state, trajectory_SBL = jax.lax.scan(body, state, jnp.arange(config.steps))
+  if config.strategy == "first_hitting":
+    state, trajectory_SBL = first_hitting(model_fn, process, config, state, row_keys_B)
+  else:
+    state, trajectory_SBL = jax.lax.scan(body, state, jnp.arange(config.steps))
   tokens_BL = process.tokens(state).astype(jnp.int32)
   if eos_id is not None:
     tokens_BL = pad_after_eos(tokens_BL, fixed_BL, eos_id, pad_id)
@@ -321,6 +394,9 @@ def check_sampler(process: base.Process, config: SamplerConfig, *, condition_BL:
       raise ValueError(f"classifier-free guidance (guidance_scale != 1) needs a diffusion process; {name} "
                        "decodes left to right")
     return
+  if config.strategy == "first_hitting" and not isinstance(process, masked.MaskedDiffusion):
+    raise ValueError(f"strategy 'first_hitting' draws reveal times of the continuous-time masked process "
+                     f"(MaskedDiffusion); {name} takes 'ancestral'")
   if config.strategy in REVEAL_STRATEGIES and not process.absorbing:
     raise ValueError(f"strategy {config.strategy!r} reveals [MASK]ed positions; {name} "
                      "has no [MASK] state, use strategy 'ancestral'")
@@ -329,8 +405,8 @@ def check_sampler(process: base.Process, config: SamplerConfig, *, condition_BL:
                      "(condition_BL) and its null token (null_id)")
 
 
-# Autoregressive decoding: one `lax.scan` over positions, feeding one token at a time through a
-# cached step function.
+# Autoregressive decoding: one `lax.while_loop` over positions (stopping once every row has drawn its
+# [EOS]), feeding one token at a time through a cached step function.
 
 # step_fn(tokens_BT, start, cache) -> (logits_BTW, cache): the network on T tokens at positions
 # [start, start + T), given a cache holding the positions before start.
@@ -384,9 +460,10 @@ def decode(step_fn: DecodeStepFn, cache: Any, process, config: SamplerConfig,
     fixed_BL: bool[B, L], positions that are never changed (prompt, constraints).
     key: PRNG key.
     row_ids_B: int32[B] identities of the rows for their randomness; defaults to 0..B-1.
-    eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD].
+    eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD], and decoding
+      stops once every row has drawn its [EOS].
     prefill_length: static P < L; positions [0, P) must be fixed in every row (a common prompt
-      prefix, see `fixed_prefix_length`). They are fed as one chunk before the scan instead of
+      prefix, see `fixed_prefix_length`). They are fed as one chunk before the loop instead of
       one by one; the result is the same.
 
   Returns:
@@ -403,21 +480,24 @@ def decode(step_fn: DecodeStepFn, cache: Any, process, config: SamplerConfig,
     _, cache = step_fn(inputs_BL[:, :prefill_length], 0, cache)
   draw = config.draw
 
-  def body(carry, position_fixed_tokens):
-    previous_B, cache = carry
-    position, fixed_B, fixed_tokens_B = position_fixed_tokens
+  def body(carry):
+    position, tokens_BL, done_B, cache = carry
+    previous_B = jax.lax.dynamic_index_in_dim(process.inputs(tokens_BL), position, axis=1, keepdims=False)
     logits_B1W, cache = step_fn(previous_B[:, None], position, cache)
     uniforms_B1 = jax.vmap(lambda row_key: jax.random.uniform(jax.random.fold_in(row_key, position),
                                                               (1,)))(row_keys_B)
     drawn_B = draw(process.next_token_log_probs(logits_B1W), uniforms_B1)[:, 0]
-    token_B = jnp.where(fixed_B, fixed_tokens_B, drawn_B)
-    return (token_B, cache), token_B
+    fixed_B = jax.lax.dynamic_index_in_dim(fixed_BL, position, axis=1, keepdims=False)
+    token_B = jnp.where(fixed_B, jax.lax.dynamic_index_in_dim(fixed_tokens_BL, position, axis=1, keepdims=False),
+                        drawn_B).astype(jnp.int32)
+    if eos_id is not None:
+      done_B |= (token_B == eos_id) & ~fixed_B
+    tokens_BL = jax.lax.dynamic_update_index_in_dim(tokens_BL, token_B, position, axis=1)
+    return position + 1, tokens_BL, done_B, cache
 
-  xs = (jnp.arange(prefill_length, length), fixed_BL.T[prefill_length:],
-        fixed_tokens_BL.T[prefill_length:])
-  _, tokens_LB = jax.lax.scan(body, (inputs_BL[:, prefill_length], cache), xs)
-  tokens_BL = jnp.concatenate([fixed_tokens_BL[:, :prefill_length], tokens_LB.T], axis=1)
-  tokens_BL = tokens_BL.astype(jnp.int32)
+  initial = (jnp.asarray(prefill_length, jnp.int32), fixed_tokens_BL.astype(jnp.int32),
+             jnp.zeros((batch_size,), bool), cache)
+  _, tokens_BL, _, _ = jax.lax.while_loop(lambda carry: (carry[0] < length) & ~carry[2].all(), body, initial)
   if eos_id is not None:
     tokens_BL = pad_after_eos(tokens_BL, fixed_BL, eos_id, pad_id)
   return tokens_BL

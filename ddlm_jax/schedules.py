@@ -52,6 +52,13 @@ class Schedule:
       return 2.0 * jnp.sin(0.25 * jnp.pi * t) ** 2
     return (1.0 - self.final_alpha) * t
 
+  def time_at_mask_prob(self, mask_prob):
+    """The inverse of `mask_prob`: the time t in [0, 1] with mask_prob(t) = mask_prob, for
+    mask_prob in [0, mask_prob(1)]."""
+    if self.kind == "cosine":
+      return (4.0 / jnp.pi) * jnp.arcsin(jnp.sqrt(0.5 * mask_prob))
+    return mask_prob / (1.0 - self.final_alpha)
+
   def loss_weight(self, t):
     """ELBO weight -alpha'(t) / (1 - alpha(t)); 1/t for the linear and log-linear schedules."""
     return -self.alpha_prime(t) / self.mask_prob(t)

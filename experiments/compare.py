@@ -21,6 +21,9 @@ FAMILIES = {
     "d3pm_uniform": dict(name="d3pm", transition="uniform", schedule="cosine", num_steps=1000),
     "d3pm_nearest_neighbor": dict(name="d3pm", transition="nearest_neighbor", schedule="cosine",
                                   num_steps=1000),
+    "bd3lm_4": dict(name="block", block_size=4, schedule="linear"),
+    "bd3lm_8": dict(name="block", block_size=8, schedule="linear"),
+    "bd3lm_16": dict(name="block", block_size=16, schedule="linear"),
     "ar": dict(name="autoregressive"),
 }
 DATASETS = ("embedded", "shakespeare")

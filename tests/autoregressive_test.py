@@ -237,6 +237,35 @@ def test_free_positions_after_eos_become_pad(network):
   np.testing.assert_array_equal(out_BL[:, 5:], PAD_ID)
 
 
+@pytest.mark.parametrize("eos_positions,steps", [((2, 4), 5), ((2, 2), 3), ((None, 3), 8)])
+def test_decoding_stops_once_every_row_has_drawn_its_eos(eos_positions, steps):
+  """A model double whose row r draws [EOS] at eos_positions[r] (never for None): the loop feeds
+  positions up to the last row's [EOS] only."""
+  length, calls = 8, []
+
+  def model_fn(inputs_BL, t_B):
+    del t_B
+    eos_BL = jnp.arange(length) == jnp.array([[-1 if p is None else p] for p in eos_positions])
+    return jnp.where(eos_BL[..., None], jax.nn.one_hot(EOS_ID, WIDTH), jax.nn.one_hot(5, WIDTH)) * 20.0
+
+  cache, step_fn = samplers.recompute_decoder(model_fn, 2, length)
+
+  def counted_step_fn(tokens_BT, start, cache):
+    jax.debug.callback(lambda: calls.append(1), ordered=True)
+    return step_fn(tokens_BT, start, cache)
+
+  fixed_BL = jnp.zeros((2, length), bool)
+  out_BL = jax.jit(lambda key: samplers.decode(counted_step_fn, cache, PROCESS, SAMPLED, jnp.zeros((2, length), jnp.int32),
+                                               fixed_BL, key, eos_id=EOS_ID, pad_id=PAD_ID))(jax.random.key(0))
+  jax.effects_barrier()
+  assert len(calls) == steps
+  for row, position in enumerate(eos_positions):
+    expected_L = np.full(length, 5)
+    if position is not None:
+      expected_L[position], expected_L[position + 1:] = EOS_ID, PAD_ID
+    np.testing.assert_array_equal(out_BL[row], expected_L)
+
+
 def test_bad_prefill_length_is_rejected():
   fixed_tokens_BL, fixed_BL = prompts([2, 3])
   with pytest.raises(ValueError, match="prefill_length"):

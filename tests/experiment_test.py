@@ -38,6 +38,7 @@ from experiments import seq2seq  # pylint: disable=g-import-not-at-top
 # Every experiment file with each variant its get_config takes (None: the default; (): no argument).
 VARIANTS = {
     "ar_tiny": [None],
+    "bd3lm_tiny": [None, "char"],
     "compare": [",".join(v) for v in itertools.product(compare.FAMILIES, compare.DATASETS, compare.SIZES)],
     "d3pm_absorbing_tiny": [None],
     "d3pm_uniform_tiny": [None],
@@ -287,7 +288,7 @@ def test_generate_tokens_samples_a_masked_process_under_jit_keeping_fixed_tokens
 @pytest.mark.parametrize("process_name,settings,message", [
     ("autoregressive", dict(record_trajectory=True), "record_trajectory needs a diffusion process"),
     ("autoregressive", dict(guidance_scale=2.0), "diffusion process"),
-    ("masked", dict(prefill_length=2), "prefill_length applies to autoregressive decoding"),
+    ("masked", dict(prefill_length=2), "prefill_length applies to autoregressive and block decoding"),
 ])
 def test_generate_tokens_refuses_what_the_process_cannot_do(process_name, settings, message):
   graphdef, params, process = untrained_network(process_name)

@@ -14,13 +14,14 @@ from ddlm_jax import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import ar_tiny  # pylint: disable=g-import-not-at-top
+from experiments import bd3lm_tiny  # pylint: disable=g-import-not-at-top
 from experiments import compare  # pylint: disable=g-import-not-at-top
 from experiments import d3pm_absorbing_tiny  # pylint: disable=g-import-not-at-top
 from experiments import d3pm_uniform_tiny  # pylint: disable=g-import-not-at-top
 from experiments import udlm_tiny  # pylint: disable=g-import-not-at-top
 
 TINY = {"udlm": udlm_tiny, "d3pm_absorbing": d3pm_absorbing_tiny, "d3pm_uniform": d3pm_uniform_tiny,
-        "ar": ar_tiny}
+        "ar": ar_tiny, "bd3lm": bd3lm_tiny}
 
 
 def short(config):
@@ -40,6 +41,9 @@ def test_family_trains_samples_and_scores_through_the_shared_api(tmp_path, famil
   assert model.process.causal_network == (family == "ar")
   texts = model.generate(["The"], steps=8, seed=0)
   assert texts[0].startswith("The")
+  if family == "bd3lm":  # block by block over the exact cache, stopping at the window of [EOS]
+    short_texts = model.generate(["The", "A pub"], max_new_tokens=6, seed=0)
+    assert short_texts[0].startswith("The") and short_texts[1].startswith("A pub")
   documents = ["The Golden Lantern is a pub.", "zzzz qqqq"]
   scores = model.score(documents, num_samples=2)
   assert np.isfinite(scores.bits_per_sequence).all()

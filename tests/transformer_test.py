@@ -332,9 +332,23 @@ def test_cached_decoding_matches_the_full_causal_forward(time_conditioning,
     assert layer_cache.k_BHSK[:, :, :12].any(axis=(0, 1, 3)).all()
 
 
-def test_cached_decoding_needs_a_causal_model_and_a_cache_that_fits():
-  with pytest.raises(ValueError, match="causal"):
-    _model(causal=False).init_cache(2)
+def test_a_bidirectional_model_over_a_cache_of_its_whole_canvas_is_its_forward():
+  """Every query sees the whole cache: one pass over the canvas equals `__call__`, and a later
+  window over that cache equals `__call__` on the canvas with the window changed only where the
+  window's own keys were refreshed (the other positions' keys are the stale ones by design)."""
+  model = _model(causal=False, time_conditioning=True)
+  _randomize(model)
+  tokens_BL, t_B = _tokens(2, MAX_LEN), jnp.array([0.3, 0.8])
+  logits_BLV, cache = model.decode(tokens_BL, 0, model.init_cache(2, MAX_LEN), t_B)
+  np.testing.assert_allclose(logits_BLV, model(tokens_BL, t_B), atol=1e-5)
+  window_BT = tokens_BL[:, 4:8]
+  again_BTV, _ = model.decode(window_BT, 4, cache, t_B)
+  np.testing.assert_allclose(again_BTV, logits_BLV[:, 4:8], atol=1e-5)
+
+
+def test_cached_decoding_needs_a_token_model_and_a_cache_that_fits():
+  with pytest.raises(ValueError, match="token model"):
+    _model(latent_dim=4, time_conditioning=True).init_cache(2)
   model = _model(causal=True)
   with pytest.raises(ValueError, match="max_len"):
     model.init_cache(2, MAX_LEN + 1)

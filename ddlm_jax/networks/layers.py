@@ -7,11 +7,13 @@ metadata (e.g. ('embed', 'mlp')). The names are annotations only
 
 `attention` is the one attention function of every mask (bidirectional,
 causal, any boolean mask such as a block-causal one), with the implementations
-of ATTENTION_IMPLEMENTATIONS. Causal attention also decodes incrementally
-(`Attention.decode`): the keys and values of the positions seen so far live in
-a `KVCache`, an explicit pytree passed in and returned, so decoding stays a
-pure function under `jax.jit` and `lax.scan`; `cached_attention` reads only the
-part of the cache written so far.
+of ATTENTION_IMPLEMENTATIONS. Attention also runs over a cache
+(`Attention.decode`): the keys and values of the other positions live in a
+`KVCache`, an explicit pytree passed in and returned, so decoding stays a pure
+function under `jax.jit` and `lax.scan`; `cached_attention` reads only the
+part of the cache a query sees (up to its own position for causal decoding,
+to the end of its block for block diffusion, everything for a bidirectional
+model decoding with an approximate cache).
 
 Shape letters: B batch, L query length, S key length, T tokens fed in one
 decoding call, D embed, H heads, K head dim, F mlp hidden, C conditioning,
@@ -174,8 +176,33 @@ def _masked_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, implementation="xla"):
 def _causal_mask(start: jax.Array | int, num_queries: int,
                  num_keys: int) -> jax.Array:
   """bool[1, T, S]: query t, at position start + t, sees keys s <= start + t."""
-  query_positions_T1 = start + jnp.arange(num_queries)[:, None]
-  return (jnp.arange(num_keys)[None, :] <= query_positions_T1)[None]
+  return block_causal_mask(start, num_queries, num_keys, 1)
+
+
+def block_causal_mask(start: jax.Array | int, num_queries: int, num_keys: int,
+                      block_size: int) -> jax.Array:
+  """bool[1, T, S]: query t, at position start + t, sees the keys of its own
+  block of `block_size` positions and of every block before it (block_size 1:
+  causal)."""
+  query_blocks_T1 = (start + jnp.arange(num_queries)[:, None]) // block_size
+  return (jnp.arange(num_keys)[None, :] // block_size <= query_blocks_T1)[None]
+
+
+def block_diffusion_mask(length: int, block_size: int) -> jax.Array:
+  """bool[1, 2L, 2L]: the mask of a block-diffusion training pass over the
+  noised and the clean copy of a sequence side by side, [x_t, x_0] (BD3-LM).
+
+  A noised token sees the noised tokens of its own block and the clean tokens
+  of the blocks before it; a clean token sees the clean tokens of its own
+  block and the blocks before it (block-causal). No token sees a later block,
+  and a noised token never sees its own block's clean copy.
+  """
+  blocks_L = jnp.arange(length) // block_size
+  same_block_LL = blocks_L[:, None] == blocks_L[None, :]
+  earlier_block_LL = blocks_L[:, None] > blocks_L[None, :]
+  noised_2LL = jnp.concatenate([same_block_LL, earlier_block_LL], axis=1)
+  clean_2LL = jnp.concatenate([jnp.zeros_like(same_block_LL), same_block_LL | earlier_block_LL], axis=1)
+  return jnp.concatenate([noised_2LL, clean_2LL], axis=0)[None]
 
 
 @flax.struct.dataclass
@@ -218,20 +245,26 @@ class KVCache:
 
 
 def cached_attention(q_BTHK: jax.Array, cache: KVCache, start: jax.Array | int,
-                     chunk_size: int = 32) -> jax.Array:
-  """Causal attention of queries at positions [start, start + T) over a cache.
+                     chunk_size: int = 32, visible_block: int = 1) -> jax.Array:
+  """Attention of queries at positions [start, start + T) over a cache.
 
-  Reads only the cache's chunks of `chunk_size` slots up to position
-  start + T (a loop with a traced trip count), combining them with a running
-  softmax (max, normaliser, weighted sum), so a step early in a long canvas
-  costs little. Equals the causal softmax over the cache's positions
-  [0, start + T) to float32 rounding.
+  A query at position p sees the cached keys of its own block of
+  `visible_block` positions and of every block before it: key positions j
+  with j // visible_block <= p // visible_block. visible_block 1 is causal
+  attention (autoregressive decoding), a block size is block-causal attention
+  (block diffusion), the cache's length is bidirectional attention over the
+  whole cache. Reads only the cache's chunks of `chunk_size` slots up to the
+  last visible position (a loop with a traced trip count), combining them
+  with a running softmax (max, normaliser, weighted sum), so a step early in a
+  long canvas costs little. Equals the masked softmax over the visible
+  positions to float32 rounding.
 
   Args:
     q_BTHK: queries (rotated at their positions).
-    cache: keys and values of positions [0, start + T).
+    cache: keys and values of every position a query sees.
     start: int32 scalar (may be traced), position of the first query.
     chunk_size: slots read per loop step (at most the cache's length).
+    visible_block: see above (static).
 
   Returns:
     float[B, T, H, K].
@@ -240,7 +273,7 @@ def cached_attention(q_BTHK: jax.Array, cache: KVCache, start: jax.Array | int,
   max_len = cache.max_len
   chunk = min(chunk_size, max_len)
   q_BHTK = q_BTHK.transpose(0, 2, 1, 3)
-  query_positions_T1 = start + jnp.arange(num_queries)[:, None]
+  query_blocks_T1 = (start + jnp.arange(num_queries)[:, None]) // visible_block
 
   def read_chunk(index, carry):
     max_BHT, normaliser_BHT, weighted_BHTK = carry
@@ -250,7 +283,7 @@ def cached_attention(q_BTHK: jax.Array, cache: KVCache, start: jax.Array | int,
     k_BHCK = jax.lax.dynamic_slice_in_dim(cache.k_BHSK, offset, chunk, axis=2)
     v_BHCK = jax.lax.dynamic_slice_in_dim(cache.v_BHSK, offset, chunk, axis=2)
     key_positions_C = offset + jnp.arange(chunk)
-    visible_TC = ((key_positions_C <= query_positions_T1)
+    visible_TC = ((key_positions_C // visible_block <= query_blocks_T1)
                   & (key_positions_C >= index * chunk))
     logits_BHTC = head_dim ** -0.5 * jnp.einsum(
         "BHTK,BHCK->BHTC", q_BHTK, k_BHCK, preferred_element_type=jnp.float32)
@@ -269,7 +302,9 @@ def cached_attention(q_BTHK: jax.Array, cache: KVCache, start: jax.Array | int,
   initial = (jnp.full(stats_shape, -jnp.inf, jnp.float32),
              jnp.zeros(stats_shape, jnp.float32),
              jnp.zeros((*stats_shape, head_dim), jnp.float32))
-  num_chunks = (start + num_queries + chunk - 1) // chunk
+  visible_end = jnp.minimum(
+      ((start + num_queries - 1) // visible_block + 1) * visible_block, max_len)
+  num_chunks = (visible_end + chunk - 1) // chunk
   _, normaliser_BHT, weighted_BHTK = jax.lax.fori_loop(
       0, num_chunks, read_chunk, initial)
   out_BHTK = weighted_BHTK / normaliser_BHT[..., None]
@@ -281,13 +316,16 @@ class Attention(nnx.Module):
 
   Attributes (static):
     causal: queries see only keys at or before their position.
+    block_size: > 0: block-causal attention (block diffusion): queries see
+      the keys of their own block of `block_size` positions and of the blocks
+      before it; 0: none (bidirectional unless causal).
     implementation, chunk_size: see `attention`.
     decode_chunk_size: decoding with a cache reads its filled part in chunks
       of this many slots (`cached_attention`).
   """
 
   def __init__(self, embed_dim: int, num_heads: int, *, dtype: jnp.dtype,
-               rngs: nnx.Rngs, causal: bool = False,
+               rngs: nnx.Rngs, causal: bool = False, block_size: int = 0,
                implementation: str = "xla", chunk_size: int = 64,
                decode_chunk_size: int = 32):
     head_dim = embed_dim // num_heads
@@ -302,29 +340,39 @@ class Attention(nnx.Module):
         (num_heads, head_dim, embed_dim), ("heads", "head_dim", "embed"))
     self.dtype = dtype
     self.causal = causal
+    self.block_size = block_size
     self.implementation = implementation
     self.chunk_size = chunk_size
     self.decode_chunk_size = decode_chunk_size
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
+               mask_BLL: jax.Array | None = None) -> jax.Array:
+    """Outputs float[B, L, D]; mask_BLL (bool[B or 1, L, L]) replaces the
+    block-causal mask of a block model (e.g. `block_diffusion_mask`)."""
     q_BLHK, k_BLHK, v_BLHK = self._project(x_BLD, positions_BL)
+    if mask_BLL is None and self.block_size:
+      length = x_BLD.shape[1]
+      mask_BLL = block_causal_mask(0, length, length, self.block_size)
     out_BLHK = attention(q_BLHK, k_BLHK, v_BLHK, causal=self.causal,
-                         implementation=self.implementation,
+                         mask_BTS=mask_BLL, implementation=self.implementation,
                          chunk_size=self.chunk_size)
     return self._output(out_BLHK)
 
   def decode(self, x_BTD: jax.Array, start: jax.Array | int,
              cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Causal attention of T new tokens at positions [start, start + T).
+    """Attention of T new tokens at positions [start, start + T) over a cache.
 
     Their keys and values are written into the cache, then each query attends
-    to every cached position up to its own. Equals the causal `__call__` on the
-    whole prefix when the cache holds that prefix's first `start` positions.
+    to the cached positions it sees (`cached_attention`): up to its own
+    (causal), up to the end of its block (block-causal), or all of the cache
+    (bidirectional). Equals `__call__` on the whole sequence when the cache
+    holds the other positions a query sees: for causal and block models the
+    first `start` positions, with [start, start + T) whole blocks.
 
     Args:
       x_BTD: float[B, T, D] inputs of the new tokens.
       start: int32 scalar (may be traced), absolute position of the first one.
-      cache: this layer's keys and values of positions < start.
+      cache: this layer's keys and values of the other positions.
 
     Returns:
       (float[B, T, D] outputs, the cache with the new positions written).
@@ -334,7 +382,9 @@ class Attention(nnx.Module):
                                     (batch, num_tokens))
     q_BTHK, k_BTHK, v_BTHK = self._project(x_BTD, positions_BT)
     cache = cache.write(k_BTHK, v_BTHK, start)
-    out_BTHK = cached_attention(q_BTHK, cache, start, self.decode_chunk_size)
+    visible_block = 1 if self.causal else self.block_size or cache.max_len
+    out_BTHK = cached_attention(q_BTHK, cache, start, self.decode_chunk_size,
+                                visible_block)
     return self._output(out_BTHK), cache
 
   def _project(self, x_BLD, positions_BL):

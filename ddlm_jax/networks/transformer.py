@@ -1,4 +1,5 @@
-"""Pre-norm transformer: the bidirectional denoiser, or (causal) AR baseline.
+"""Pre-norm transformer: the bidirectional denoiser, the (causal) AR baseline, or
+the block-causal denoiser of block diffusion.
 
 It reads token ids and returns logits, or, with `latent_dim > 0` (the Gaussian family), reads
 points of a learned token-embedding space and predicts clean points there: z_t float[B, L, E] ->
@@ -11,15 +12,23 @@ level t shifts and scales every norm's output adaLN-style (zero-initialised,
 so an untrained model ignores t). For placement on a mesh see
 `ddlm_jax.sharding.create_sharded_model`.
 
-A causal model also decodes incrementally with a KV cache:
+A block model (`block_size` > 0) sees its own block and the blocks before it.
+Trained on the noised and the clean copy of a sequence side by side
+(`clean_tokens_BL`), each noised token sees its own noised block and the clean
+blocks before it, so one pass scores every block (BD3-LM).
+
+A token model also runs over a KV cache (`Transformer.decode`): T tokens at
+positions [start, start + T) attend to the cached keys of the positions they
+see. For a causal model this is incremental decoding,
 
   cache, step_fn = make_decoder(graphdef, params, batch_size, max_len)
   logits_BTV, cache = step_fn(tokens_BT, start, cache)
 
-feeds T tokens at positions [start, start + T) (T > 1: a prefill chunk, T = 1:
-one decoding step) and returns their logits, equal to those of the full causal
-forward. The cache is a pytree of arrays, so both work under `jax.jit` and
-inside `lax.scan`.
+(T > 1: a prefill chunk, T = 1: one decoding step), and for a block model the
+denoising of one block over the cache of the finished blocks: both equal the
+full forward. A bidirectional model reads the whole cache, stale entries
+included (the approximate caches of `ddlm_jax.decoding.blockwise`). The cache
+is a pytree of arrays, so all work under `jax.jit` and inside `lax.scan`.
 """
 import dataclasses
 from typing import Callable
@@ -45,6 +54,8 @@ class TransformerConfig:
     embed_dim: residual width D.
     mlp_dim: MLP hidden width F.
     causal: causal attention (AR baseline) instead of bidirectional.
+    block_size: > 0: block-causal attention over blocks of this many
+      positions (block diffusion); 0: none.
     time_conditioning: condition every block on t in [0, 1]; else t is ignored.
     dropout_rate: dropout on the residual branches, applied only when a
       `dropout_key` is passed to the model.
@@ -66,6 +77,7 @@ class TransformerConfig:
   embed_dim: int = 128
   mlp_dim: int = 512
   causal: bool = False
+  block_size: int = 0
   time_conditioning: bool = False
   dropout_rate: float = 0.0
   remat: bool = False
@@ -102,6 +114,12 @@ class TransformerConfig:
     for name in ("attention_chunk_size", "decode_chunk_size"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.block_size < 0:
+      raise ValueError(f"block_size must be >= 0, got {self.block_size}")
+    if self.block_size and (self.causal or self.latent_dim):
+      raise ValueError("block_size > 0 (block-causal attention) needs a "
+                       "bidirectional token model, not causal=True or "
+                       "latent_dim > 0")
     if self.latent_dim and self.causal:
       raise ValueError("latent_dim > 0 (embedding-space inputs) needs a "
                        "bidirectional model, not causal=True")
@@ -125,6 +143,7 @@ class Block(nnx.Module):
     self.attn_norm = layers.RMSNorm(d, rngs=rngs)
     self.attn = layers.Attention(
         d, config.num_heads, dtype=dtype, rngs=rngs, causal=config.causal,
+        block_size=config.block_size,
         implementation=config.attention,
         chunk_size=config.attention_chunk_size,
         decode_chunk_size=config.decode_chunk_size)
@@ -134,22 +153,23 @@ class Block(nnx.Module):
                        if config.time_conditioning else None)
     self.dropout_rate = config.dropout_rate
 
-  def __call__(self, x_BLD, positions_BL, c_BC, dropout_key):
+  def __call__(self, x_BLD, positions_BL, c_BC, dropout_key, mask_BLL=None):
     """x float[B, L, D], positions int[B, L], c float32[B, C] or None,
-    dropout_key or None -> float[B, L, D]."""
+    dropout_key or None, mask bool[1, L, L] or None (`Attention`) ->
+    float[B, L, D]."""
     attn_key, mlp_key = (None, None) if dropout_key is None else (
         jax.random.split(dropout_key))
     attn_mod, mlp_mod = self._modulations(c_BC)
     h_BLD = _norm_and_modulate(self.attn_norm, x_BLD, attn_mod)
-    h_BLD = self.attn(h_BLD, positions_BL)
+    h_BLD = self.attn(h_BLD, positions_BL, mask_BLL)
     x_BLD = x_BLD + layers.dropout(h_BLD, self.dropout_rate, attn_key)
     h_BLD = self.mlp(_norm_and_modulate(self.mlp_norm, x_BLD, mlp_mod))
     return x_BLD + layers.dropout(h_BLD, self.dropout_rate, mlp_key)
 
   def decode(self, x_BTD, start, c_BC, cache):
-    """The causal block on T new tokens at positions [start, start + T) (no
-    dropout): x float[B, T, D], start int32 scalar, c float32[B, C] or None,
-    cache layers.KVCache -> (float[B, T, D], cache)."""
+    """The block on T new tokens at positions [start, start + T) over a cache
+    (no dropout): x float[B, T, D], start int32 scalar, c float32[B, C] or
+    None, cache layers.KVCache -> (float[B, T, D], cache)."""
     attn_mod, mlp_mod = self._modulations(c_BC)
     h_BTD = _norm_and_modulate(self.attn_norm, x_BTD, attn_mod)
     h_BTD, cache = self.attn.decode(h_BTD, start, cache)
@@ -206,6 +226,7 @@ class Transformer(nnx.Module):
       t_B: jax.Array | None = None,
       *,
       dropout_key: jax.Array | None = None,
+      clean_tokens_BL: jax.Array | None = None,
   ) -> jax.Array:
     """Logits (or predicted clean points) at every position.
 
@@ -215,6 +236,11 @@ class Transformer(nnx.Module):
       t_B: float[B] (or a scalar) noise level in [0, 1]; required with
         time_conditioning, ignored without.
       dropout_key: PRNG key that switches dropout on (training); None: off.
+      clean_tokens_BL: block models only: the clean sequence x_0, int32[B, L],
+        run beside the noised one (`tokens_BL`) under
+        `layers.block_diffusion_mask`, so that the logits of a block see the
+        noised block and the clean blocks before it; None: tokens_BL alone,
+        block-causal.
 
     Returns:
       float32[B, L, V] logits; float32[B, L, E] with latent_dim E > 0.
@@ -224,14 +250,25 @@ class Transformer(nnx.Module):
     if length > config.max_len:
       raise ValueError(
           f"sequence length {length} exceeds max_len {config.max_len}")
+    positions_L, mask_BLL = jnp.arange(length), None
     x_BLD = self._embed(tokens_BL)
-    positions_BL = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if clean_tokens_BL is not None:
+      if not config.block_size:
+        raise ValueError("clean_tokens_BL (the clean copy of a block-diffusion "
+                         "pass) needs a block model (block_size > 0)")
+      if clean_tokens_BL.shape != tokens_BL.shape:
+        raise ValueError(f"clean_tokens_BL has shape {clean_tokens_BL.shape}, "
+                         f"the noised tokens {tokens_BL.shape}")
+      x_BLD = jnp.concatenate([x_BLD, self._embed(clean_tokens_BL)], axis=1)
+      positions_L = jnp.concatenate([positions_L, positions_L])
+      mask_BLL = layers.block_diffusion_mask(length, config.block_size)
+    positions_BL = jnp.broadcast_to(positions_L, (batch, len(positions_L)))
     c_BC = self._conditioning(t_B, batch)
     block_fn = nnx.remat(Block.__call__) if config.remat else Block.__call__
     for i, block in enumerate(self.blocks):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      x_BLD = block_fn(block, x_BLD, positions_BL, c_BC, key)
-    return self._logits(x_BLD, c_BC)
+      x_BLD = block_fn(block, x_BLD, positions_BL, c_BC, key, mask_BLL)
+    return self._logits(x_BLD[:, :length], c_BC)
 
   def init_cache(self, batch_size: int,
                  max_len: int | None = None) -> tuple[layers.KVCache, ...]:
@@ -240,9 +277,10 @@ class Transformer(nnx.Module):
     Args:
       batch_size: B.
       max_len: S, positions the cache holds (default and maximum: the
-        config's max_len).
+        config's max_len); for a bidirectional model, the canvas length (its
+        queries see the whole cache).
     """
-    config = self._check_causal()
+    config = self._check_tokens()
     max_len = config.max_len if max_len is None else max_len
     if not 1 <= max_len <= config.max_len:
       raise ValueError(
@@ -259,10 +297,13 @@ class Transformer(nnx.Module):
       cache: tuple[layers.KVCache, ...],
       t_B: jax.Array | None = None,
   ) -> tuple[jax.Array, tuple[layers.KVCache, ...]]:
-    """Logits of T tokens at positions [start, start + T), extending the cache.
+    """Logits of T tokens at positions [start, start + T), written into the cache.
 
-    With the cache holding positions [0, start) of a sequence, the logits equal
-    those of `__call__` on the sequence at these positions (causal models only).
+    Causal and block models: with the cache holding positions [0, start) of a
+    sequence, the logits equal those of `__call__` on the sequence at these
+    positions (a block model's [start, start + T) must be whole blocks). A
+    bidirectional model's tokens see the whole cache, the other positions of
+    its canvas as they were last written.
 
     Args:
       tokens_BT: int32[B, T] the next T tokens (T > 1: a prefill chunk).
@@ -275,7 +316,7 @@ class Transformer(nnx.Module):
     Returns:
       (float32[B, T, V] logits, the cache with positions [start, start + T)).
     """
-    self._check_causal()
+    self._check_tokens()
     batch, num_tokens = tokens_BT.shape
     max_len = cache[0].max_len
     end = num_tokens + (start if isinstance(start, int) else 0)
@@ -289,10 +330,10 @@ class Transformer(nnx.Module):
       new_cache.append(layer_cache)
     return self._logits(x_BTD, c_BC), tuple(new_cache)
 
-  def _check_causal(self) -> TransformerConfig:
-    if not self.config.causal:
-      raise ValueError("KV-cache decoding needs a causal model "
-                       "(TransformerConfig(causal=True))")
+  def _check_tokens(self) -> TransformerConfig:
+    if self.config.latent_dim:
+      raise ValueError("KV-cache decoding needs a token model, not one over "
+                       "embeddings (latent_dim > 0)")
     return self.config
 
   def _embed(self, tokens_BL):
@@ -318,28 +359,30 @@ class Transformer(nnx.Module):
                         preferred_element_type=jnp.float32)
 
 
-StepFn = Callable[[jax.Array, jax.Array, tuple[layers.KVCache, ...]],
-                  tuple[jax.Array, tuple[layers.KVCache, ...]]]
+StepFn = Callable[..., tuple[jax.Array, tuple[layers.KVCache, ...]]]
 
 
 def make_decoder(graphdef: nnx.GraphDef, params: nnx.State, batch_size: int,
                  max_len: int) -> tuple[tuple[layers.KVCache, ...], StepFn]:
-  """An empty cache and the pure step function of a causal network.
+  """An empty cache and the pure step function of a token network.
 
-  step_fn(tokens_BT, start, cache) -> (logits_BTV, cache) runs
-  `Transformer.decode` at noise level t = 0 (the AR convention), so it needs
-  no time argument. Call it inside `jax.jit` with `params` as an argument.
+  step_fn(tokens_BT, start, cache, t_B=None) -> (logits_BTV, cache) runs
+  `Transformer.decode`, at noise level t = 0 unless t_B is given (the AR
+  convention, and the value that a network without time conditioning
+  ignores). Call it inside `jax.jit` with `params` as an argument.
 
   Args:
     graphdef, params: the network (`nnx.merge(graphdef, params)`).
     batch_size: rows decoded together.
-    max_len: positions the cache holds (the decoded length).
+    max_len: positions the cache holds (the decoded length; a bidirectional
+      model's canvas).
   """
   model = nnx.merge(graphdef, params)
 
-  def step_fn(tokens_BT, start, cache):
-    return model.decode(tokens_BT, start, cache,
-                        jnp.zeros((tokens_BT.shape[0],), jnp.float32))
+  def step_fn(tokens_BT, start, cache, t_B=None):
+    if t_B is None:
+      t_B = jnp.zeros((tokens_BT.shape[0],), jnp.float32)
+    return model.decode(tokens_BT, start, cache, t_B)
 
   return model.init_cache(batch_size, max_len), step_fn
 
