@@ -40,13 +40,14 @@ from ddlm_jax.processes import base
 _ROOT = flags.DEFINE_string("root", "workdirs/compare", "Parent of the trained workdirs (FAMILY_embedded).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "Samples at batch 16 (quality and speed).")
 _BATCH1_SAMPLES = flags.DEFINE_integer("batch1_samples", 8, "Samples timed at batch 1.")
-_METHODS = flags.DEFINE_list("methods", [], "Only these methods (names of METHODS); empty: all.")
+_METHODS = flags.DEFINE_list("methods", [], "Only these methods (keys of METHODS); empty: all.")
 _OUTPUT = common.define_output_flag("decoding")
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One decoding method: its model (a FAMILY of the workdirs), its kind and its settings."""
+  key: str
   name: str
   model: str
   kind: str  # 'ar' | 'scan' | 'blockwise' | 'speculative'
@@ -55,27 +56,28 @@ class Method:
 
 
 METHODS = [
-    Method("AR, KV cache", "ar", "ar"),
-    Method("MDLM scan, ancestral 64 steps", "mdlm", "scan", (("steps", 64), ("strategy", "ancestral"))),
-    Method("MDLM first-hitting", "mdlm", "scan", (("strategy", "first_hitting"),)),
-    Method("MDLM windows of 16, no cache, low-confidence 8 steps", "mdlm", "blockwise",
+    Method("ar", "AR, KV cache", "ar", "ar"),
+    Method("mdlm_scan", "MDLM scan, ancestral 64 steps", "mdlm", "scan", (("steps", 64), ("strategy", "ancestral"))),
+    Method("mdlm_first_hitting", "MDLM first-hitting", "mdlm", "scan", (("strategy", "first_hitting"),)),
+    Method("mdlm_none_lc", "MDLM windows of 16, no cache, low-confidence 8 steps", "mdlm", "blockwise",
            (("block_size", 16), ("steps_per_block", 8), ("cache", "none"))),
-    Method("MDLM windows of 16, dual cache, low-confidence 8 steps", "mdlm", "blockwise",
+    Method("mdlm_dual_lc", "MDLM windows of 16, dual cache, low-confidence 8 steps", "mdlm", "blockwise",
            (("block_size", 16), ("steps_per_block", 8), ("cache", "dual"))),
-    Method("MDLM windows of 16, prefix cache, threshold 0.9", "mdlm", "blockwise",
+    Method("mdlm_prefix_threshold", "MDLM windows of 16, prefix cache, threshold 0.9", "mdlm", "blockwise",
            (("block_size", 16), ("rule", "threshold"), ("threshold", 0.9), ("cache", "prefix"))),
-    Method("MDLM windows of 16, dual cache, threshold 0.9", "mdlm", "blockwise",
+    Method("mdlm_dual_threshold", "MDLM windows of 16, dual cache, threshold 0.9", "mdlm", "blockwise",
            (("block_size", 16), ("rule", "threshold"), ("threshold", 0.9), ("cache", "dual"))),
-    Method("MDLM windows of 16, dual cache, factor 1", "mdlm", "blockwise",
+    Method("mdlm_dual_factor", "MDLM windows of 16, dual cache, factor 1", "mdlm", "blockwise",
            (("block_size", 16), ("rule", "factor"), ("factor", 1.0), ("cache", "dual"))),
-    Method("MDLM windows of 16, dual cache, entropy bound 0.5", "mdlm", "blockwise",
+    Method("mdlm_dual_eb", "MDLM windows of 16, dual cache, entropy bound 0.5", "mdlm", "blockwise",
            (("block_size", 16), ("rule", "entropy_bound"), ("entropy_bound", 0.5), ("cache", "dual"))),
-    *[Method(f"BD3-LM {size}, exact cache, {label}", f"bd3lm_{size}", "blockwise",
+    *[Method(f"bd3lm{size}_{key}", f"BD3-LM {size}, exact cache, {label}", f"bd3lm_{size}", "blockwise",
              (("block_size", size), ("cache", "exact"), *settings))
       for size in (4, 8, 16)
-      for label, settings in [(f"ancestral {size} steps", (("rule", "ancestral"), ("steps_per_block", size))),
-                              ("threshold 0.9", (("rule", "threshold"), ("threshold", 0.9)))]],
-    Method("Speculative: AR + MDLM drafter, gamma 4, 2 steps", "ar", "speculative",
+      for key, label, settings in [("ancestral", f"ancestral {size} steps",
+                                    (("rule", "ancestral"), ("steps_per_block", size))),
+                                   ("threshold", "threshold 0.9", (("rule", "threshold"), ("threshold", 0.9)))]],
+    Method("speculative_mdlm", "Speculative: AR + MDLM drafter, gamma 4, 2 steps", "ar", "speculative",
            (("draft_length", 4), ("draft_steps", 2)), drafter="mdlm"),
 ]
 
@@ -152,8 +154,9 @@ def measure(method: Method, models: dict, batch_size: int, num_samples: int) -> 
   tokens_NL = np.concatenate(tokens)
   eos_id = models[method.model].tokenizer.eos_id
   lengths_N = generated_lengths(tokens_NL, eos_id)
-  row = dict(tokens_per_s=round(lengths_N.sum() / wall_s, 1), compile_s=round(first_s - wall_s / len(calls), 2),
-             calls_per_token=round(sum(calls) / (lengths_N.sum() / batch_size), 3),
+  row = dict(tokens_per_s=round(float(lengths_N.sum() / wall_s), 1),
+             compile_s=round(first_s - wall_s / len(calls), 2),
+             calls_per_token=round(float(sum(calls) / (lengths_N.sum() / batch_size)), 3),
              mean_length=round(float(lengths_N.mean()), 2))
   if accepted[0] >= 0:
     row["mean_accepted_length"] = round(float(np.mean(accepted)), 3)
@@ -189,7 +192,7 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  methods = [m for m in METHODS if not _METHODS.value or m.name in _METHODS.value]
+  methods = [m for m in METHODS if not _METHODS.value or m.key in _METHODS.value]
   families = {m.model for m in methods} | {m.drafter for m in methods if m.drafter} | {"ar"}
   models = {family: ddlm_jax.load(os.path.join(_ROOT.value, f"{family}_embedded")) for family in sorted(families)}
   reference_corpus = corpus.default_corpus()
@@ -201,7 +204,8 @@ def main(argv):
       speed, tokens_NL = measure(method, models, batch_size, num_samples)
       if quality is None:
         quality = judge(tokens_NL, models[method.model], models["ar"], reference_corpus)
-      rows.append(dict(method=method.name, kind=method.kind, batch_size=batch_size, **speed, **quality))
+      rows.append(dict(key=method.key, method=method.name, kind=method.kind, batch_size=batch_size, **speed,
+                       **quality))
       print(rows[-1], flush=True)
   columns = ["method", "batch_size", "tokens_per_s", "calls_per_token", "mean_length", "compile_s",
              "generative_perplexity", "unigram_entropy_bits", "well_formed_fraction", "generator_bits_per_document"]

@@ -159,6 +159,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.eval.exact_time_sum sums the steps of a discrete-time bound: it needs "
                      f"process 'd3pm', not {config.process.name!r}")
   _check_pair_task_settings(config)
+  if config.sample.method == "speculative":
+    raise ValueError("config.sample.method 'speculative' needs a drafter model, which a run's config cannot name: "
+                     "call Pipeline.generate(method='speculative', drafter=ddlm_jax.load(DRAFTER_WORKDIR))")
   if config.process.name == "block" and config.data.seq_len % config.process.block_size:
     raise ValueError(f"config.data.seq_len={config.data.seq_len} must be a multiple of "
                      f"config.process.block_size={config.process.block_size} (block diffusion decodes whole blocks)")
@@ -232,6 +235,8 @@ def sampler_config(config: ml_collections.ConfigDict, **overrides) -> DecodingCo
   is_block = config.process.name == "block"
   if method == "auto":
     method = "blockwise" if is_block else "scan"
+  if is_block and method != "blockwise":
+    raise ValueError(f"block diffusion decodes block by block: method 'blockwise' (or 'auto'), not {method!r}")
   blockwise_settings = {key: settings.pop(key) for key in BLOCKWISE_ONLY_KEYS}
   speculative_settings = {key: settings.pop(key) for key in SPECULATIVE_ONLY_KEYS}
   if method == "scan":

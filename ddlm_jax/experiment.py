@@ -258,7 +258,7 @@ def generate_tokens(graphdef: nnx.GraphDef, params: nnx.State, process,
     graphdef, params: the network (`nnx.merge(graphdef, params)`); params may be sharded
       (`sharding.create_sharded_model`).
     process: the process the network is trained under (`Experiment.process`).
-    sampler_config: sampler settings (`config.decoding_config` makes them from a run's config); the
+    sampler_config: sampler settings (`config.sampler_config` makes them from a run's config); the
       autoregressive baseline reads only the token draw (temperature, top_k, top_p) and refuses
       guidance and record_trajectory; block diffusion decodes under a `BlockwiseConfig` only.
     fixed_tokens_BL: int32[B, L], tokens at fixed positions (ignored elsewhere).

@@ -163,8 +163,8 @@ class Pipeline:
       length: canvas length in tokens, prompt included (default and maximum: the training length).
       max_new_tokens: at most this many tokens after each row's prompt (the rest of its canvas is
         [PAD]); the canvas is then as long as the longest prompt plus these, within `length`, and
-        rounded up to whole windows for block-by-block decoding, which stops each row at the
-        window holding its [EOS] and the batch when every row is done.
+        rounded up to whole windows for block-by-block decoding. Block-by-block, autoregressive
+        and speculative decoding stop once every row of a batch has its [EOS].
       constraints: per text, {token position: text}: the text's tokens are fixed from that
         position on (e.g. {4: " blue"}); fixed tokens are never changed.
       seed: the i-th text's randomness depends only on (seed, i), not on the batch it lands in.

@@ -461,7 +461,7 @@ def decode(step_fn: DecodeStepFn, cache: Any, process, config: SamplerConfig,
     key: PRNG key.
     row_ids_B: int32[B] identities of the rows for their randomness; defaults to 0..B-1.
     eos_id, pad_id: if given, free positions after a row's first [EOS] become [PAD], and decoding
-      stops once every row has drawn its [EOS].
+      stops once every row has drawn its [EOS] (or has no free position left, with or without).
     prefill_length: static P < L; positions [0, P) must be fixed in every row (a common prompt
       prefix, see `fixed_prefix_length`). They are fed as one chunk before the loop instead of
       one by one; the result is the same.
@@ -495,9 +495,14 @@ def decode(step_fn: DecodeStepFn, cache: Any, process, config: SamplerConfig,
     tokens_BL = jax.lax.dynamic_update_index_in_dim(tokens_BL, token_B, position, axis=1)
     return position + 1, tokens_BL, done_B, cache
 
+  def unfinished(carry):  # a row is finished once it has its [EOS] or no free position from here on
+    position, _, done_B, _ = carry
+    free_ahead_B = (~fixed_BL & (jnp.arange(length) >= position)).any(axis=1)
+    return (position < length) & (free_ahead_B & ~done_B).any()
+
   initial = (jnp.asarray(prefill_length, jnp.int32), fixed_tokens_BL.astype(jnp.int32),
              jnp.zeros((batch_size,), bool), cache)
-  _, tokens_BL, _, _ = jax.lax.while_loop(lambda carry: (carry[0] < length) & ~carry[2].all(), body, initial)
+  _, tokens_BL, _, _ = jax.lax.while_loop(unfinished, body, initial)
   if eos_id is not None:
     tokens_BL = pad_after_eos(tokens_BL, fixed_BL, eos_id, pad_id)
   return tokens_BL

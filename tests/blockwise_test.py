@@ -182,9 +182,15 @@ def test_the_run_config_picks_block_by_block_decoding_and_refuses_what_it_cannot
     config_lib.sampler_config(masked_config, method="blockwise")
   with pytest.raises(ValueError, match="record_trajectory applies to the scan sampler"):
     config_lib.sampler_config(config, record_trajectory=True)
+  with pytest.raises(ValueError, match="decodes block by block"):
+    config_lib.sampler_config(config, method="scan")
   config.sample.cache = "dual"
   with pytest.raises(ValueError, match="config.sample: cache 'dual' approximates a bidirectional model"):
     config_lib.validate(config)
+  speculative_config = mdlm_tiny.get_config()
+  speculative_config.process.name, speculative_config.sample.method = "autoregressive", "speculative"
+  with pytest.raises(ValueError, match="needs a drafter model"):  # a run's config cannot name one
+    config_lib.validate(speculative_config)
 
 
 @pytest.mark.parametrize("module,settings", [

@@ -4,7 +4,8 @@ for bidirectional masked models.
 The canvas int32[B, L] is decoded one window of `block_size` positions at a time, left to right
 (L a multiple of block_size), in one `lax.while_loop` over windows that stops as soon as every row
 is done: a row is done once a finished window holds its [EOS] (with `eos_id`) or it has no masked
-position left, so short answers cost little. Within a window, steps reveal its masked free
+position left, so short answers cost little. (A done row rides along with the batch's later windows;
+what they draw there becomes [PAD].) Within a window, steps reveal its masked free
 positions by a rule (`BlockwiseConfig.rule`) until none is left. Fixed positions (prompts of any
 length per row, [PAD] past a row's `max_new_tokens`) never change.
 
@@ -124,10 +125,11 @@ class Network:
 
   Attributes:
     model_fn: the full forward (tokens int32[B, L], t float32[B]) -> logits float32[B, L, W].
-    step_fn: the cached step (tokens int32[B, T], start, cache, t float32[B]) -> (logits
+    step_fn: the cached step (tokens int32[B, T], start, cache, t float32[B] or None) -> (logits
       float32[B, T, W], cache) over T tokens at positions [start, start + T), e.g. from
       `transformer.make_decoder`; None for cache 'none'.
-    cache: step_fn's empty cache of L positions (None for cache 'none').
+    cache: step_fn's empty cache of exactly L positions, the canvas (a bidirectional model's
+      queries read all of it); None for cache 'none'.
   """
   model_fn: Callable
   step_fn: Callable | None = None
@@ -266,8 +268,9 @@ def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_toke
   def noise_level(canvas_BL, fixed_BL):
     return ((canvas_BL == mask_id) & ~fixed_BL).sum(axis=1) / num_free_B
 
-  def window_logits(loop, canvas_BL, step):
-    """Logits float32[B, size, W] of the current window, and the cache."""
+  def window_logits(loop, canvas_BL, step, first):
+    """Logits float32[B, size, W] of the current window, and the cache; `first` (static): the
+    window's first step under the 'exact' cache."""
     start = loop.window * size
     t_B = noise_level(canvas_BL, loop.fixed_BL)
     window_BT = jax.lax.dynamic_slice_in_dim(canvas_BL, start, size, axis=1)
@@ -279,8 +282,7 @@ def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_toke
         fed_BT = jax.lax.dynamic_slice_in_dim(canvas_BL, fed_start, min(2 * size, length), axis=1)
         logits_BTW, cache = network.step_fn(fed_BT, fed_start, cache, t_B)
         return jax.lax.dynamic_slice_in_dim(logits_BTW, start - fed_start, size, axis=1), cache
-      return jax.lax.cond(step == 0, with_previous, lambda cache: network.step_fn(window_BT, start, cache, t_B),
-                          loop.cache)
+      return with_previous(loop.cache) if first else network.step_fn(window_BT, start, loop.cache, t_B)
 
     def refresh(cache):  # the whole canvas, filling the cache
       logits_BLW, cache = network.step_fn(canvas_BL, 0, cache, t_B)
@@ -335,16 +337,17 @@ def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_toke
 
     def step_cond(carry):
       canvas_BL, _, step, _ = carry
-      remaining = jnp.any(masked_in_window(loop, canvas_BL) > 0) & (step < config.max_steps)
-      return remaining | ((step == 0) & (config.cache == "exact"))  # 'exact' appends the previous window
+      return jnp.any(masked_in_window(loop, canvas_BL) > 0) & (step < config.max_steps)
 
-    def step_body(carry):
+    def step_body(carry, first=False):
       canvas_BL, cache, step, calls = carry
-      logits_BTW, cache = window_logits(loop.replace(cache=cache), canvas_BL, step)
+      logits_BTW, cache = window_logits(loop.replace(cache=cache), canvas_BL, step, first)
       return reveal(loop, canvas_BL, logits_BTW, step, num_masked_B), cache, step + 1, calls + 1
 
-    canvas_BL, cache, _, calls = jax.lax.while_loop(
-        step_cond, step_body, (loop.canvas_BL, loop.cache, jnp.zeros((), jnp.int32), loop.network_calls))
+    carry = (loop.canvas_BL, loop.cache, jnp.zeros((), jnp.int32), loop.network_calls)
+    if config.cache == "exact":  # always taken, outside the loop: it appends the previous window's keys
+      carry = step_body(carry, first=True)
+    canvas_BL, cache, _, calls = jax.lax.while_loop(step_cond, step_body, carry)
     end = (loop.window + 1) * size
     positions_L = jnp.arange(length)
     free_masked_BL = (canvas_BL == mask_id) & ~loop.fixed_BL

@@ -149,12 +149,12 @@ def attention(
         _masked_attention(q_BTHK[:, start:start + chunk_size],
                           k_BSHK[:, :start + chunk_size],
                           v_BSHK[:, :start + chunk_size],
-                          _causal_mask(start, min(chunk_size, length - start),
-                                       min(start + chunk_size, length)))
+                          block_causal_mask(start, min(chunk_size, length - start),
+                                            min(start + chunk_size, length), 1))
         for start in range(0, length, chunk_size)]
     return jnp.concatenate(blocks, axis=1)
   if causal:
-    causal_1TS = _causal_mask(0, length, length)
+    causal_1TS = block_causal_mask(0, length, length, 1)
     mask_BTS = causal_1TS if mask_BTS is None else mask_BTS & causal_1TS
   if implementation == "cudnn":
     if jax.default_backend() != "gpu":
@@ -171,12 +171,6 @@ def _masked_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, implementation="xla"):
       q_BTHK, k_BSHK, v_BSHK,
       mask=None if mask_BTS is None else mask_BTS[:, None],
       implementation=implementation)
-
-
-def _causal_mask(start: jax.Array | int, num_queries: int,
-                 num_keys: int) -> jax.Array:
-  """bool[1, T, S]: query t, at position start + t, sees keys s <= start + t."""
-  return block_causal_mask(start, num_queries, num_keys, 1)
 
 
 def block_causal_mask(start: jax.Array | int, num_queries: int, num_keys: int,

@@ -17,8 +17,8 @@ before it (`layers.block_diffusion_mask`), so `model_fn` takes the clean sequenc
 times; MDLM and BD3-LM train masked denoisers without it), so `model_fn` gets t = None.
 
 block_size = L is MDLM (one block). block_size = 1 is an autoregressive model: each token is
-masked or clean, and since the weight integrates to alpha(0) - alpha(1) = 1, the bound's
-expectation is the exact NLL sum_l -log p(x^l | x^{<l}).
+masked or clean, and since the weight integrates to alpha(0) - alpha(1) = 1 (schedules with
+alpha(1) = 0), the bound's expectation is the exact NLL sum_l -log p(x^l | x^{<l}).
 
 Sampling runs block by block over an exact KV cache of the finished blocks
 (`ddlm_jax.decoding.blockwise`); within a block the steps are those of the masked process
