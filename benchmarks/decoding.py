@@ -12,9 +12,12 @@ batch 1 and batch 16. Per method and batch size: tokens/s (generated tokens thro
 wall time of jitted runs, compilation excluded and reported on its own), network calls per token
 (per row: the batch's calls over its mean generated length), and, from the batch-16 samples, the
 quality: generative perplexity under the AR model, unigram entropy beside it, the share of samples
-the corpus generator parses and its exact NLL of those. Writes benchmarks/results/decoding.{json,png}.
+the corpus generator parses and its exact NLL of those. Writes benchmarks/results/decoding.{json,png};
+with --methods, the rows of those methods replace theirs in the existing results (each row keeps the
+command that measured it).
 """
 import dataclasses
+import json
 import os
 import time
 from typing import Callable
@@ -63,10 +66,13 @@ METHODS = [
            (("block_size", 16), ("steps_per_block", 8), ("cache", "none"))),
     Method("mdlm_dual_lc", "MDLM windows of 16, dual cache, low-confidence 8 steps", "mdlm", "blockwise",
            (("block_size", 16), ("steps_per_block", 8), ("cache", "dual"))),
+    Method("mdlm_none_threshold", "MDLM windows of 16, no cache, threshold 0.9", "mdlm", "blockwise",
+           (("block_size", 16), ("rule", "threshold"), ("threshold", 0.9), ("cache", "none"))),
     Method("mdlm_prefix_threshold", "MDLM windows of 16, prefix cache, threshold 0.9", "mdlm", "blockwise",
            (("block_size", 16), ("rule", "threshold"), ("threshold", 0.9), ("cache", "prefix"))),
-    Method("mdlm_dual_threshold", "MDLM windows of 16, dual cache, threshold 0.9", "mdlm", "blockwise",
-           (("block_size", 16), ("rule", "threshold"), ("threshold", 0.9), ("cache", "dual"))),
+    *[Method(f"mdlm_dual_threshold{tau}", f"MDLM windows of 16, dual cache, threshold {tau}", "mdlm", "blockwise",
+             (("block_size", 16), ("rule", "threshold"), ("threshold", tau), ("cache", "dual")))
+      for tau in (0.9, 0.5)],
     Method("mdlm_dual_factor", "MDLM windows of 16, dual cache, factor 1", "mdlm", "blockwise",
            (("block_size", 16), ("rule", "factor"), ("factor", 1.0), ("cache", "dual"))),
     Method("mdlm_dual_eb", "MDLM windows of 16, dual cache, entropy bound 0.5", "mdlm", "blockwise",
@@ -76,9 +82,12 @@ METHODS = [
       for size in (4, 8, 16)
       for key, label, settings in [("ancestral", f"ancestral {size} steps",
                                     (("rule", "ancestral"), ("steps_per_block", size))),
-                                   ("threshold", "threshold 0.9", (("rule", "threshold"), ("threshold", 0.9)))]],
+                                   *[(f"threshold{tau}", f"threshold {tau}", (("rule", "threshold"), ("threshold", tau)))
+                                     for tau in (0.9, 0.7, 0.5)]]],
     Method("speculative_mdlm", "Speculative: AR + MDLM drafter, gamma 4, 2 steps", "ar", "speculative",
            (("draft_length", 4), ("draft_steps", 2)), drafter="mdlm"),
+    Method("speculative_bd3lm4", "Speculative: AR + BD3-LM 4 drafter, gamma 4, 2 steps", "ar", "speculative",
+           (("draft_length", 4), ("draft_steps", 2)), drafter="bd3lm_4"),
 ]
 
 
@@ -127,7 +136,8 @@ def make_run(method: Method, models: dict, batch_size: int) -> Callable:
 
     def run(params, key):
       cache, step_fn = transformer.make_decoder(graphdef, params[0], batch_size, length)
-      drafter = speculative.MaskedDrafter(experiment.bind(drafter_model.graphdef, params[1]), drafter_model.process)
+      drafter = speculative.diffusion_drafter(experiment.bind(drafter_model.graphdef, params[1]),
+                                              drafter_model.process)
       tokens_BL, stats = speculative.speculative_decode(step_fn, cache, model.process, drafter, config,
                                                         free_tokens_BL, fixed_BL, key, **special)
       return tokens_BL, stats.rounds + stats.drafter_calls, stats.mean_accepted_length_B.mean()
@@ -173,7 +183,7 @@ def plot(rows: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
-  figure, axes = pyplot.subplots(1, 2, figsize=(13, 5.5), squeeze=False)
+  figure, axes = pyplot.subplots(1, 2, figsize=(15, 5), squeeze=False)
   markers = {"ar": "s", "scan": "v", "blockwise": "o", "speculative": "*"}
   for axis, batch_size in zip(axes[0], (1, 16)):
     for index, row in enumerate(r for r in rows if r["batch_size"] == batch_size):
@@ -184,8 +194,9 @@ def plot(rows: list[dict], path: str) -> None:
     axis.set_xlabel("tokens/s (generated through [EOS], compilation excluded)")
     axis.set_ylabel("generative perplexity under the AR model")
     axis.set_title(f"batch {batch_size}")
-  axes[0][1].legend(fontsize=6, loc="best")
-  figure.tight_layout()
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  figure.legend(handles, labels, fontsize=7, loc="center right")
+  figure.tight_layout(rect=(0, 0, 0.76, 1))
   figure.savefig(path, dpi=120)
 
 
@@ -198,6 +209,11 @@ def main(argv):
   reference_corpus = corpus.default_corpus()
   peak = common.matmul_peak_gflops()
   rows = []
+  if os.path.exists(_OUTPUT.value):
+    with open(_OUTPUT.value) as f:
+      saved = json.load(f)
+    rows = [{"command": saved.get("command"), "matmul_peak_gflops": saved.get("matmul_peak_gflops"), **row}
+            for row in saved["rows"] if row["key"] not in {m.key for m in methods}]
   for method in methods:
     quality = None
     for batch_size, num_samples in ((16, _NUM_SAMPLES.value), (1, _BATCH1_SAMPLES.value)):
@@ -205,8 +221,10 @@ def main(argv):
       if quality is None:
         quality = judge(tokens_NL, models[method.model], models["ar"], reference_corpus)
       rows.append(dict(key=method.key, method=method.name, kind=method.kind, batch_size=batch_size, **speed,
-                       **quality))
+                       **quality, command=common.command_line(), matmul_peak_gflops=round(peak, 1)))
       print(rows[-1], flush=True)
+  order = {m.key: i for i, m in enumerate(METHODS)}
+  rows.sort(key=lambda row: (order[row["key"]], -row["batch_size"]))
   columns = ["method", "batch_size", "tokens_per_s", "calls_per_token", "mean_length", "compile_s",
              "generative_perplexity", "unigram_entropy_bits", "well_formed_fraction", "generator_bits_per_document"]
   common.print_table([{c: row.get(c, "") for c in columns} for row in rows], columns)
@@ -228,8 +246,7 @@ def main(argv):
       goals.append(common.goal(f"{row['method']}: tokens/s over AR's at batch 1",
                                row["tokens_per_s"] / ar_row["tokens_per_s"], 1.5, True))
   common.print_goals(goals, "")
-  payload = dict(command=common.command_line(), device=common.device_description(), matmul_peak_gflops=round(peak, 1),
-                 rows=rows, goals=goals)
+  payload = dict(device=common.device_description(), rows=rows, goals=goals)
   print(f"wrote {common.write_json_to(_OUTPUT.value, payload)}")
   png = os.path.splitext(_OUTPUT.value)[0] + ".png"
   plot(rows, png)

@@ -23,6 +23,7 @@ from ddlm_jax.data import pairs
 from ddlm_jax.data import tokenizers
 from ddlm_jax.decoding import blockwise
 from ddlm_jax.decoding import speculative
+from ddlm_jax.processes import block
 from ddlm_jax.processes import masked
 
 
@@ -80,7 +81,7 @@ class Pipeline:
     return self._nelbo_fns[exact_time_sum]
 
   def _sampler(self, sampler_config: config_lib.DecodingConfig, prefill_length: int, pad_after_eos: bool,
-               guide_fn: guidance.GuideFn | None, drafter: "Pipeline | None"):
+               guide_fn: guidance.GuideFn | None, drafter: "Pipeline | None" = None):
     """The jitted `experiment.generate_tokens` of one configuration (compiled once per batch and
     length; for the autoregressive baseline, after a prefill of the rows' common prompt prefix). A
     guide's arrays are arguments of the jitted function (`_split_guide`), so guides of one
@@ -93,7 +94,7 @@ class Pipeline:
     special_ids = dict(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id) if pad_after_eos else {}
 
     def run(params, fixed_tokens_BL, fixed_BL, condition_BL, key, row_ids_B, guide_arrays, drafter_params):
-      drafter_fn = None if drafter is None else speculative.MaskedDrafter(
+      drafter_fn = None if drafter is None else speculative.diffusion_drafter(
           experiment_lib.bind(drafter.graphdef, drafter_params), drafter.process)
       return experiment_lib.generate_tokens(
           self.graphdef, params, self.process, sampler_config, fixed_tokens_BL, fixed_BL, key, row_ids_B=row_ids_B,
@@ -173,8 +174,8 @@ class Pipeline:
         sampler compiles once for guides of one structure when their arrays are pytree leaves (as
         with `control.attribute_log_prob_fn`), and once per function for a plain function inside.
       record_trajectory: also return the canvas after every step (diffusion families).
-      drafter: method 'speculative': a masked-diffusion Pipeline with this one's tokenizer, whose
-        drafts this autoregressive model verifies (the output follows this model exactly).
+      drafter: method 'speculative': a masked or block diffusion Pipeline with this one's tokenizer,
+        whose drafts this autoregressive model verifies (the output follows this model exactly).
       **settings: decoding settings over the run's `config.sample` (see `config.sampler_config`):
         method ('auto', 'scan', 'blockwise', 'speculative'), steps, strategy, temperature, top_k,
         top_p, block_length, eta, clamp (`samplers.SamplerConfig`), cache, steps_per_block,
@@ -275,8 +276,9 @@ class Pipeline:
 
   def _check_drafter(self, drafter: "Pipeline", length: int) -> None:
     """Raises ValueError unless `drafter` can draft for this model on a canvas of `length`."""
-    if not isinstance(drafter.process, masked.MaskedDiffusion):
-      raise ValueError(f"the drafter must be a masked-diffusion model, got {type(drafter.process).__name__}")
+    if not isinstance(drafter.process, (masked.MaskedDiffusion, block.BlockDiffusion)):
+      raise ValueError("the drafter must be a masked or block diffusion model, got "
+                       f"{type(drafter.process).__name__}")
     if drafter.tokenizer.vocab_size != self.tokenizer.vocab_size or drafter.process.vocab_size != self.process.vocab_size:
       raise ValueError("the drafter's tokenizer must be this model's (their vocabularies differ)")
     if drafter.seq_len < length:

@@ -60,27 +60,35 @@ def decoder(config, process=PROCESS, prefill_length=0, eos=False):
 
 def test_logits_over_the_cache_equal_full_recomputation():
   graphdef, params = block_network()
-  model = nnx.merge(graphdef, params)
-  x0_BL = jax.random.randint(jax.random.key(1), (2, LENGTH), 3, VOCAB)
-  for current in range(LENGTH // BLOCK):
-    start = current * BLOCK
-    noised_BL = jnp.where(jax.random.uniform(jax.random.key(current), x0_BL.shape) < 0.5, MASK_ID, x0_BL)
-    canvas_BL = jnp.where(jnp.arange(LENGTH) < start, x0_BL, jnp.where(jnp.arange(LENGTH) < start + BLOCK,
-                                                                         noised_BL, MASK_ID))
-    full_BTV = model(canvas_BL)[:, start:start + BLOCK]
-    training_BTV = model(canvas_BL, clean_tokens_BL=x0_BL)[:, start:start + BLOCK]  # the view of the bound
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def logits(params, canvas_BL, x0_BL, start):
+    """The window [start, start + BLOCK): full block-causal forward, the bound's two-stream view, over
+    a cache of [0, start), and over a cache of [0, start - BLOCK) fed [start - BLOCK, start + BLOCK)."""
+    model = nnx.merge(graphdef, params)
+    window = lambda logits_BLV: logits_BLV[:, start:start + BLOCK]
+    full_BTV, training_BTV = window(model(canvas_BL)), window(model(canvas_BL, clean_tokens_BL=x0_BL))
     cache = model.init_cache(2, LENGTH)
     if start:
       _, cache = model.decode(canvas_BL[:, :start], 0, cache)
     cached_BTV, _ = model.decode(canvas_BL[:, start:start + BLOCK], start, cache)
-    np.testing.assert_allclose(cached_BTV, full_BTV, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(training_BTV, full_BTV, atol=1e-5, rtol=0)
+    fused_BTV = cached_BTV
     if start:  # the first step of a window also appends the finished window before it
       cache = model.init_cache(2, LENGTH)
       if start > BLOCK:
         _, cache = model.decode(canvas_BL[:, :start - BLOCK], 0, cache)
-      fused_BTV, _ = model.decode(canvas_BL[:, start - BLOCK:start + BLOCK], start - BLOCK, cache)
-      np.testing.assert_allclose(fused_BTV[:, BLOCK:], full_BTV, atol=1e-5, rtol=0)
+      fused_BTV = model.decode(canvas_BL[:, start - BLOCK:start + BLOCK], start - BLOCK, cache)[0][:, BLOCK:]
+    return full_BTV, training_BTV, cached_BTV, fused_BTV
+
+  x0_BL = jax.random.randint(jax.random.key(1), (2, LENGTH), 3, VOCAB)
+  for current in (0, 2):  # the first window (no cache), and one after a prefill and a fused append
+    start = current * BLOCK
+    noised_BL = jnp.where(jax.random.uniform(jax.random.key(current), x0_BL.shape) < 0.5, MASK_ID, x0_BL)
+    canvas_BL = jnp.where(jnp.arange(LENGTH) < start, x0_BL, jnp.where(jnp.arange(LENGTH) < start + BLOCK,
+                                                                         noised_BL, MASK_ID))
+    full_BTV, *others = logits(params, canvas_BL, x0_BL, start)
+    for other_BTV in others:
+      np.testing.assert_allclose(other_BTV, full_BTV, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("rule,threshold", [("ancestral", 0.9), ("random", 0.9), ("threshold", 0.0)])

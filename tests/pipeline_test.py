@@ -79,11 +79,11 @@ def test_readme_python_examples_return_text(trained_workdirs):
       exec(compile(ast.Module([statement], type_ignores=[]), "README.md", "exec"), namespace)
   samples = [result for result in results if isinstance(result, list)]
   scores = [result for result in results if isinstance(result, float)]
-  assert len(samples) == 3 and len(scores) == 1, results
+  assert len(samples) == 6 and len(scores) == 1, results
   for texts in samples:
     assert texts and all(isinstance(text, str) and text.strip() for text in texts), samples
-  assert samples[0][0].startswith("The Golden") and samples[2][0].startswith("The Golden")
-  assert len(samples[1]) == 4
+  assert all(samples[i][0].startswith("The Golden") for i in (0, 2, 3, 5))
+  assert len(samples[1]) == 4 and len(samples[4]) == 2
   assert np.isfinite(scores[0]) and scores[0] > 0
 
 

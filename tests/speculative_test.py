@@ -23,6 +23,7 @@ import pipeline_test  # its untrained tiny Pipeline (tests/ is on the path of a 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import ar_tiny  # pylint: disable=g-import-not-at-top
+from experiments import bd3lm_tiny  # pylint: disable=g-import-not-at-top
 from experiments import mdlm_tiny  # pylint: disable=g-import-not-at-top
 
 # A tiny vocabulary: tokens 0..3, then [BOS] and [MASK].
@@ -266,16 +267,19 @@ def test_bad_decoding_calls_are_rejected(config, drafter_process, settings, mess
 
 def test_pipeline_generate_speculative_is_greedy_ar_decoding_at_temperature_zero():
   """What a user runs: Pipeline.generate(method='speculative', drafter=...) on untrained tiny models
-  sharing a tokenizer gives the AR model's own greedy texts, and refuses a drafter that cannot draft."""
+  sharing a tokenizer (a masked and a block-diffusion drafter) gives the AR model's own greedy texts,
+  and refuses a drafter that cannot draft."""
   ar_model = pipeline_test.untrained(pipeline_test.short_char_config(ar_tiny))
-  drafter = pipeline_test.untrained(pipeline_test.short_char_config(mdlm_tiny), seed=1)
   prompts = ["a", "the pub"]
   greedy = ar_model.generate(prompts, temperature=0.0, max_new_tokens=10)
-  assert ar_model.generate(prompts, method="speculative", drafter=drafter, temperature=0.0, max_new_tokens=10,
-                           draft_length=3, draft_steps=2) == greedy
+  drafters = [pipeline_test.untrained(pipeline_test.short_char_config(module), seed=1)
+              for module in (mdlm_tiny, bd3lm_tiny)]
+  for drafter in drafters:
+    assert ar_model.generate(prompts, method="speculative", drafter=drafter, temperature=0.0, max_new_tokens=10,
+                             draft_length=3, draft_steps=2) == greedy
   with pytest.raises(ValueError, match="go together"):
     ar_model.generate(prompts, method="speculative")
-  with pytest.raises(ValueError, match="must be a masked-diffusion model"):
+  with pytest.raises(ValueError, match="must be a masked or block diffusion model"):
     ar_model.generate(prompts, method="speculative", drafter=ar_model)
   with pytest.raises(ValueError, match="decodes an autoregressive model"):
-    drafter.generate(prompts, method="speculative", drafter=drafter)
+    drafters[0].generate(prompts, method="speculative", drafter=drafters[0])

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from ddlm_jax import samplers
 from ddlm_jax.processes import autoregressive
 from ddlm_jax.processes import base
+from ddlm_jax.processes import block
 from ddlm_jax.processes import masked
 
 
@@ -157,6 +158,16 @@ class MaskedDrafter:
                jnp.zeros((batch_size, gamma, self.process.vocab_size), jnp.float32))
     _, tokens_BG, log_probs_BGV = jax.lax.fori_loop(0, steps, reveal_chunk, initial)
     return Draft(tokens_BG, log_probs_BGV, jnp.int32(steps))
+
+
+def diffusion_drafter(model_fn: base.ModelFn, process: masked.MaskedDiffusion | block.BlockDiffusion) -> MaskedDrafter:
+  """The drafter of a masked or a block diffusion model: a block network reads the canvas
+  block-causally and reveals with the masked process within its blocks (`within_block`)."""
+  if isinstance(process, block.BlockDiffusion):
+    process = process.within_block
+  if not isinstance(process, masked.MaskedDiffusion):
+    raise ValueError(f"a drafter needs a masked or block diffusion model, got {type(process).__name__}")
+  return MaskedDrafter(model_fn, process)
 
 
 @flax.struct.dataclass
