@@ -229,16 +229,17 @@ def main(argv):
              "generative_perplexity", "unigram_entropy_bits", "well_formed_fraction", "generator_bits_per_document"]
   common.print_table([{c: row.get(c, "") for c in columns} for row in rows], columns)
   goals = []
-  for batch_size, factor in ((1, 2.0), (16, 1.0)):
+  for batch_size, factor in ((1, 2.0), (16, 1.0)):  # the fastest diffusion method, and its quality
     at_batch = [row for row in rows if row["batch_size"] == batch_size]
     ar_row = next(row for row in at_batch if row["kind"] == "ar")
-    near_ar = [row for row in at_batch if row["kind"] in ("scan", "blockwise")
-               and row["generative_perplexity"] <= 1.1 * ar_row["generative_perplexity"]
-               and abs(row["unigram_entropy_bits"] - ar_row["unigram_entropy_bits"]) <= 0.1]
-    best = max(near_ar, key=lambda row: row["tokens_per_s"], default=None)
-    goals.append(common.goal(f"batch {batch_size}: fastest diffusion method at AR quality / AR tokens/s "
-                             f"({best['method'] if best else 'none at AR quality'})",
-                             best["tokens_per_s"] / ar_row["tokens_per_s"] if best else 0.0, factor, at_least=True))
+    best = max((row for row in at_batch if row["kind"] in ("scan", "blockwise")), key=lambda row: row["tokens_per_s"])
+    name = f"batch {batch_size}, fastest diffusion method ({best['method']})"
+    goals.append(common.goal(f"{name}: tokens/s over AR's", best["tokens_per_s"] / ar_row["tokens_per_s"], factor,
+                             at_least=True))
+    goals.append(common.goal(f"{name}: generative perplexity over AR samples'",
+                             best["generative_perplexity"] / ar_row["generative_perplexity"], 1.1, at_least=False))
+    goals.append(common.goal(f"{name}: unigram entropy's distance from AR samples' (bits)",
+                             abs(best["unigram_entropy_bits"] - ar_row["unigram_entropy_bits"]), 0.1, at_least=False))
   for row in rows:
     if row["kind"] == "speculative" and row["batch_size"] == 1:
       ar_row = next(r for r in rows if r["kind"] == "ar" and r["batch_size"] == 1)
