@@ -238,7 +238,7 @@ def generate_tokens(graphdef: nnx.GraphDef, params: nnx.State, process,
                     row_ids_B: jax.Array | None = None, condition_BL: jax.Array | None = None,
                     null_id: int | None = None, guide_fn: guidance.GuideFn | None = None,
                     eos_id: int | None = None, pad_id: int | None = None, prefill_length: int = 0,
-                    drafter: speculative.Drafter | None = None):
+                    drafter: speculative.Drafter | None = None, on_window: Callable | None = None):
   """Token ids sampled from the network under `process`, without a checkpoint or tokenizer:
   KV-cache decoding (`samplers.decode` over `transformer.make_decoder`) for the autoregressive
   baseline, or with a `SpeculativeConfig` speculative decoding of it with a diffusion `drafter`
@@ -272,7 +272,9 @@ def generate_tokens(graphdef: nnx.GraphDef, params: nnx.State, process,
       decoding also stops each row at the window holding its [EOS].
     prefill_length: positions [0, P), fixed in every row, fed as one chunk: autoregressive decoding
       (`samplers.decode`) and block diffusion (`blockwise.decode_blocks`, P a multiple of the block).
-    drafter: speculative decoding's drafter, e.g. `speculative.MaskedDrafter(bind(...), process)`.
+    drafter: speculative decoding's drafter, e.g. `speculative.diffusion_drafter(bind(...), process)`.
+    on_window: block-by-block decoding only: called on the host after each window with the number
+      of windows done and the canvas (`blockwise.decode_blocks`).
 
   Returns:
     tokens int32[B, L]; with `sampler_config.record_trajectory` (scan only), also the tokens after
@@ -297,7 +299,9 @@ def generate_tokens(graphdef: nnx.GraphDef, params: nnx.State, process,
       network = blockwise.Network(network.model_fn, step_fn, cache)
     return blockwise.decode_blocks(network, process, sampler_config, fixed_tokens_BL, fixed_BL, key,
                                    row_ids_B=row_ids_B, eos_id=eos_id, pad_id=pad_id,
-                                   prefill_length=prefill_length)[0]
+                                   prefill_length=prefill_length, on_window=on_window)[0]
+  if on_window is not None:
+    raise ValueError("on_window reports the windows of block-by-block decoding (a BlockwiseConfig)")
   if isinstance(process, block.BlockDiffusion):
     raise ValueError("block diffusion decodes block by block: pass a blockwise.BlockwiseConfig "
                      "(method 'blockwise'), not the scan sampler's settings")

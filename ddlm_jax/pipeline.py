@@ -1,7 +1,7 @@
 """The user-facing model: `ddlm_jax.load(workdir)` -> Pipeline with generate(), translate() and score()."""
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,7 @@ class Pipeline:
     self._pairs = self.config.data.task != "lm"
     self._nelbo_fns = {}
     self._samplers = {}
+    self._window_listener = None  # what a block-by-block decoder's windows report to (`_run`)
 
   def _nelbo_fn(self, exact_time_sum: bool) -> evaluate.NelboFn:
     """The jitted bound (every step of it summed with `exact_time_sum`), built once per kind."""
@@ -92,6 +93,7 @@ class Pipeline:
     if name in self._samplers:
       return self._samplers[name]
     special_ids = dict(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id) if pad_after_eos else {}
+    on_window = self._window_done if isinstance(sampler_config, blockwise.BlockwiseConfig) else None
 
     def run(params, fixed_tokens_BL, fixed_BL, condition_BL, key, row_ids_B, guide_arrays, drafter_params):
       drafter_fn = None if drafter is None else speculative.diffusion_drafter(
@@ -99,16 +101,23 @@ class Pipeline:
       return experiment_lib.generate_tokens(
           self.graphdef, params, self.process, sampler_config, fixed_tokens_BL, fixed_BL, key, row_ids_B=row_ids_B,
           condition_BL=condition_BL, null_id=self.tokenizer.pad_id, guide_fn=_join_guide(guide_arrays, guide_static),
-          prefill_length=prefill_length, drafter=drafter_fn, **special_ids)
+          prefill_length=prefill_length, drafter=drafter_fn, on_window=on_window, **special_ids)
     self._samplers[name] = jax.jit(run)
     return self._samplers[name]
 
+  def _window_done(self, windows_done: np.ndarray, canvas_BL: np.ndarray) -> None:
+    """Host end of a block-by-block decoder's `on_window`: passes the report to the listener."""
+    if self._window_listener is not None:
+      self._window_listener(int(windows_done), np.asarray(canvas_BL))
+
   def _run(self, fixed_tokens_NL: np.ndarray, fixed_NL: np.ndarray, condition_NL: np.ndarray,
            sampler_config: config_lib.DecodingConfig, seed: int, batch_size: int, pad_after_eos: bool,
-           guide_fn: guidance.GuideFn | None = None,
-           drafter: "Pipeline | None" = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+           guide_fn: guidance.GuideFn | None = None, drafter: "Pipeline | None" = None,
+           stream: Callable[[int, list[str]], None] | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Sampled canvases int32[N, L], in batches; row n's randomness depends only on (seed, n).
-    With `sampler_config.record_trajectory`, also the canvas after every step int32[steps, N, L]."""
+    With `sampler_config.record_trajectory`, also the canvas after every step int32[steps, N, L].
+    A progress bar counts batches, or for block-by-block decoding windows, which `stream` (if
+    given) also receives as (index of the batch's first text, its texts so far)."""
     num_rows = len(fixed_NL)
     record = getattr(sampler_config, "record_trajectory", False)
     key = jax.random.key(seed)
@@ -116,9 +125,19 @@ class Pipeline:
     guide_arrays = _split_guide(guide_fn)[0]
     tokens, trajectories = [], []
     batch_starts = range(0, num_rows, batch_size)
-    for start in tqdm.tqdm(batch_starts, desc="generate", unit="batch", disable=len(batch_starts) < 2,
-                           dynamic_ncols=True):
+    windows = fixed_NL.shape[1] // sampler_config.block_size if isinstance(
+        sampler_config, blockwise.BlockwiseConfig) else 0
+    progress = tqdm.tqdm(total=len(batch_starts) * max(windows, 1), desc="generate", unit="window" if windows else "batch",
+                         disable=len(batch_starts) * max(windows, 1) < 2, dynamic_ncols=True)
+    for batch, start in enumerate(batch_starts):
       rows = np.arange(start, min(start + batch_size, num_rows))
+
+      def on_window(windows_done, canvas_BL, batch=batch, start=start, rows=rows):
+        progress.update(batch * windows + windows_done - progress.n)
+        if stream is not None:
+          end = windows_done * sampler_config.block_size
+          stream(start, [self.tokenizer.decode(row[:end]) for row in canvas_BL[:len(rows)].tolist()])
+      self._window_listener = on_window
       padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
       run = self._sampler(sampler_config, self._prefill_length(sampler_config, fixed_NL[padded]), pad_after_eos,
                           guide_fn, drafter)
@@ -128,6 +147,9 @@ class Pipeline:
       tokens.append(np.asarray(tokens_BL)[:len(rows)])
       if record:
         trajectories.append(np.asarray(trajectory_SBL)[:, :len(rows)])
+      progress.update((batch + 1) * max(windows, 1) - progress.n)  # rows done early skip windows
+    self._window_listener = None
+    progress.close()
     tokens_NL = np.concatenate(tokens)
     return (tokens_NL, np.concatenate(trajectories, axis=1)) if record else tokens_NL
 
@@ -154,7 +176,8 @@ class Pipeline:
                length: int | None = None, max_new_tokens: int | None = None,
                constraints: Sequence[Mapping[int, str]] | None = None, seed: int = 0, batch_size: int = 64,
                guide_fn: guidance.GuideFn | None = None, record_trajectory: bool = False,
-               drafter: "Pipeline | None" = None, **settings) -> list[str] | tuple[list[str], np.ndarray]:
+               drafter: "Pipeline | None" = None, stream: Callable[[int, list[str]], None] | None = None,
+               **settings) -> list[str] | tuple[list[str], np.ndarray]:
     """Samples texts: from scratch, continuing prompts, and/or with tokens fixed anywhere (infilling).
 
     Args:
@@ -176,6 +199,8 @@ class Pipeline:
       record_trajectory: also return the canvas after every step (diffusion families).
       drafter: method 'speculative': a masked or block diffusion Pipeline with this one's tokenizer,
         whose drafts this autoregressive model verifies (the output follows this model exactly).
+      stream: block-by-block decoding: called after each window with (index of the batch's first
+        text, the batch's texts so far), e.g. `lambda first, texts: print(texts[0])`.
       **settings: decoding settings over the run's `config.sample` (see `config.sampler_config`):
         method ('auto', 'scan', 'blockwise', 'speculative'), steps, strategy, temperature, top_k,
         top_p, block_length, eta, clamp (`samplers.SamplerConfig`), cache, steps_per_block,
@@ -226,8 +251,11 @@ class Pipeline:
                        "that this autoregressive model verifies")
     if drafter is not None:
       self._check_drafter(drafter, length)
+    if stream is not None and not isinstance(sampler_config, blockwise.BlockwiseConfig):
+      raise ValueError("stream reports the windows of block-by-block decoding: it needs method 'blockwise' "
+                       "(the default of block diffusion)")
     outputs = self._run(fixed_tokens_NL, fixed_NL, np.zeros_like(fixed_NL), sampler_config, seed, batch_size,
-                        pad_after_eos=True, guide_fn=guide_fn, drafter=drafter)
+                        pad_after_eos=True, guide_fn=guide_fn, drafter=drafter, stream=stream)
     tokens_NL, trajectory_SNL = outputs if record_trajectory else (outputs, None)
     texts = [self.tokenizer.decode(row) for row in tokens_NL.tolist()]
     return (texts, trajectory_SNL) if record_trajectory else texts

@@ -213,3 +213,16 @@ def test_generate_decodes_ragged_prompts_block_by_block_up_to_max_new_tokens(mod
     assert text.startswith(prompt) and len(model.tokenizer.encode(text)) <= len(model.tokenizer.encode(prompt)) + 5
   again = model.generate(prompts[1:], max_new_tokens=5, seed=0, **settings)  # the 2nd row, alone as row 0
   assert model.generate(prompts[::-1], max_new_tokens=5, seed=0, **settings)[0] == again[0]
+
+
+def test_generate_streams_each_finished_window_and_ends_with_the_texts_it_returns():
+  model = pipeline_test.untrained(pipeline_test.short_char_config(bd3lm_tiny))
+  streamed = []
+  texts = model.generate(["a", "the rest"], seed=0, stream=lambda first, batch_texts: streamed.append(
+      (first, batch_texts)), strategy="low_confidence", steps_per_block=2)
+  assert streamed and all(first == 0 and len(batch_texts) == 2 for first, batch_texts in streamed)
+  for earlier, later in zip(streamed, streamed[1:]):  # each window extends what came before
+    assert all(new.startswith(old) for old, new in zip(earlier[1], later[1]))
+  assert streamed[-1][1] == texts
+  with pytest.raises(ValueError, match="stream reports the windows"):
+    pipeline_test.untrained(pipeline_test.short_char_config(mdlm_tiny)).generate(["a"], stream=print)

@@ -225,8 +225,9 @@ def reveal_counts(num_masked_B: jax.Array, steps: int, step: jax.Array) -> jax.A
 
 def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_tokens_BL: jax.Array,
                   fixed_BL: jax.Array, key: jax.Array, *, row_ids_B: jax.Array | None = None,
-                  eos_id: int | None = None, pad_id: int | None = None,
-                  prefill_length: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  eos_id: int | None = None, pad_id: int | None = None, prefill_length: int = 0,
+                  on_window: Callable[[jax.Array, jax.Array], None] | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Decodes the free positions of a canvas window by window (see the module docstring).
 
   Args:
@@ -242,6 +243,9 @@ def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_toke
       finished window holds its [EOS], and free positions after it become [PAD].
     prefill_length: cache 'exact' only: static P, a multiple of block_size; positions [0, P),
       fixed in every row, are run as one chunk before the loop.
+    on_window: called on the host after each window, in order, with the number of windows done
+      (int32) and the canvas int32[B, L] (positions past them still [MASK]): streaming and
+      progress (`jax.debug.callback`; static, so a new function compiles anew).
 
   Returns:
     (tokens int32[B, L], {"network_calls": int32 scalar, "windows": int32 scalar}).
@@ -354,6 +358,8 @@ def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_toke
     done_B = loop.done_B | ~free_masked_BL.any(axis=1)
     if shaped:
       done_B |= ((canvas_BL == eos_id) & ~loop.fixed_BL & (positions_L < end)).any(axis=1)
+    if on_window is not None:
+      jax.debug.callback(on_window, loop.window + 1, canvas_BL, ordered=True)
     return loop.replace(canvas_BL=canvas_BL, cache=cache, window=loop.window + 1, done_B=done_B,
                         network_calls=calls)
 
