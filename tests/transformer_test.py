@@ -338,11 +338,17 @@ def test_a_bidirectional_model_over_a_cache_of_its_whole_canvas_is_its_forward()
   window's own keys were refreshed (the other positions' keys are the stale ones by design)."""
   model = _model(causal=False, time_conditioning=True)
   _randomize(model)
+  graphdef, params = nnx.split(model, nnx.Param)
   tokens_BL, t_B = _tokens(2, MAX_LEN), jnp.array([0.3, 0.8])
-  logits_BLV, cache = model.decode(tokens_BL, 0, model.init_cache(2, MAX_LEN), t_B)
-  np.testing.assert_allclose(logits_BLV, model(tokens_BL, t_B), atol=1e-5)
-  window_BT = tokens_BL[:, 4:8]
-  again_BTV, _ = model.decode(window_BT, 4, cache, t_B)
+
+  @jax.jit
+  def outputs(params):
+    model = nnx.merge(graphdef, params)
+    logits_BLV, cache = model.decode(tokens_BL, 0, model.init_cache(2, MAX_LEN), t_B)
+    return logits_BLV, model(tokens_BL, t_B), model.decode(tokens_BL[:, 4:8], 4, cache, t_B)[0]
+
+  logits_BLV, full_BLV, again_BTV = outputs(params)
+  np.testing.assert_allclose(logits_BLV, full_BLV, atol=1e-5)
   np.testing.assert_allclose(again_BTV, logits_BLV[:, 4:8], atol=1e-5)
 
 

@@ -7,7 +7,8 @@ is done: a row is done once a finished window holds its [EOS] (with `eos_id`) or
 position left, so short answers cost little. (A done row rides along with the batch's later windows;
 what they draw there becomes [PAD].) Within a window, steps reveal its masked free
 positions by a rule (`BlockwiseConfig.rule`) until none is left. Fixed positions (prompts of any
-length per row, [PAD] past a row's `max_new_tokens`) never change.
+length per row, [PAD] past a row's `max_new_tokens`) never change. After each window, `on_window`
+(if given) hands the canvas to the host: streaming and progress bars.
 
 Caches (`BlockwiseConfig.cache`), for a network given as `Network` (full forward and cached step):
   'exact'   block-diffusion networks (`TransformerConfig.block_size` = the window): a step runs the
