@@ -82,18 +82,20 @@ class Pipeline:
     return self._nelbo_fns[exact_time_sum]
 
   def _sampler(self, sampler_config: config_lib.DecodingConfig, prefill_length: int, pad_after_eos: bool,
-               guide_fn: guidance.GuideFn | None, drafter: "Pipeline | None" = None):
+               guide_fn: guidance.GuideFn | None, drafter: "Pipeline | None" = None, streamed: bool = False):
     """The jitted `experiment.generate_tokens` of one configuration (compiled once per batch and
     length; for the autoregressive baseline, after a prefill of the rows' common prompt prefix). A
     guide's arrays are arguments of the jitted function (`_split_guide`), so guides of one
-    structure share it whatever their parameters; so are a speculative drafter's parameters."""
+    structure share it whatever their parameters; so are a speculative drafter's parameters.
+    `streamed`: block-by-block decoding reports each window to the host (`_window_done`), the
+    only host round-trip inside the loop, taken only when asked for."""
     guide_static = _split_guide(guide_fn)[1]
     drafter_static = None if drafter is None else (drafter.graphdef, drafter.process)
-    name = (sampler_config, prefill_length, pad_after_eos, guide_static, drafter_static)
+    name = (sampler_config, prefill_length, pad_after_eos, guide_static, drafter_static, streamed)
     if name in self._samplers:
       return self._samplers[name]
     special_ids = dict(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id) if pad_after_eos else {}
-    on_window = self._window_done if isinstance(sampler_config, blockwise.BlockwiseConfig) else None
+    on_window = self._window_done if streamed else None
 
     def run(params, fixed_tokens_BL, fixed_BL, condition_BL, key, row_ids_B, guide_arrays, drafter_params):
       drafter_fn = None if drafter is None else speculative.diffusion_drafter(
@@ -116,8 +118,8 @@ class Pipeline:
            stream: Callable[[int, list[str]], None] | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Sampled canvases int32[N, L], in batches; row n's randomness depends only on (seed, n).
     With `sampler_config.record_trajectory`, also the canvas after every step int32[steps, N, L].
-    A progress bar counts batches, or for block-by-block decoding windows, which `stream` (if
-    given) also receives as (index of the batch's first text, its texts so far)."""
+    A progress bar counts batches, or with `stream` (block-by-block decoding) windows, which
+    `stream` receives as (index of the batch's first text, its texts so far)."""
     num_rows = len(fixed_NL)
     record = getattr(sampler_config, "record_trajectory", False)
     key = jax.random.key(seed)
@@ -125,8 +127,7 @@ class Pipeline:
     guide_arrays = _split_guide(guide_fn)[0]
     tokens, trajectories = [], []
     batch_starts = range(0, num_rows, batch_size)
-    windows = fixed_NL.shape[1] // sampler_config.block_size if isinstance(
-        sampler_config, blockwise.BlockwiseConfig) else 0
+    windows = fixed_NL.shape[1] // sampler_config.block_size if stream is not None else 0
     progress = tqdm.tqdm(total=len(batch_starts) * max(windows, 1), desc="generate", unit="window" if windows else "batch",
                          disable=len(batch_starts) * max(windows, 1) < 2, dynamic_ncols=True)
     for batch, start in enumerate(batch_starts):
@@ -134,13 +135,12 @@ class Pipeline:
 
       def on_window(windows_done, canvas_BL, batch=batch, start=start, rows=rows):
         progress.update(batch * windows + windows_done - progress.n)
-        if stream is not None:
-          end = windows_done * sampler_config.block_size
-          stream(start, [self.tokenizer.decode(row[:end]) for row in canvas_BL[:len(rows)].tolist()])
-      self._window_listener = on_window
+        end = windows_done * sampler_config.block_size
+        stream(start, [self.tokenizer.decode(row[:end]) for row in canvas_BL[:len(rows)].tolist()])
+      self._window_listener = on_window if stream is not None else None
       padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
       run = self._sampler(sampler_config, self._prefill_length(sampler_config, fixed_NL[padded]), pad_after_eos,
-                          guide_fn, drafter)
+                          guide_fn, drafter, streamed=stream is not None)
       outputs = run(self.params, fixed_tokens_NL[padded], fixed_NL[padded], condition_NL[padded], key,
                     jnp.asarray(padded), guide_arrays, None if drafter is None else drafter.params)
       tokens_BL, trajectory_SBL = outputs if record else (outputs, None)

@@ -481,8 +481,7 @@ def decode(step_fn: DecodeStepFn, cache: Any, process, config: SamplerConfig,
   draw = config.draw
 
   def body(carry):
-    position, tokens_BL, done_B, cache = carry
-    previous_B = jax.lax.dynamic_index_in_dim(process.inputs(tokens_BL), position, axis=1, keepdims=False)
+    position, previous_B, tokens_BL, done_B, cache = carry
     logits_B1W, cache = step_fn(previous_B[:, None], position, cache)
     uniforms_B1 = jax.vmap(lambda row_key: jax.random.uniform(jax.random.fold_in(row_key, position),
                                                               (1,)))(row_keys_B)
@@ -493,16 +492,16 @@ def decode(step_fn: DecodeStepFn, cache: Any, process, config: SamplerConfig,
     if eos_id is not None:
       done_B |= (token_B == eos_id) & ~fixed_B
     tokens_BL = jax.lax.dynamic_update_index_in_dim(tokens_BL, token_B, position, axis=1)
-    return position + 1, tokens_BL, done_B, cache
+    return position + 1, token_B, tokens_BL, done_B, cache
 
   def unfinished(carry):  # a row is finished once it has its [EOS] or no free position from here on
-    position, _, done_B, _ = carry
+    position, _, _, done_B, _ = carry
     free_ahead_B = (~fixed_BL & (jnp.arange(length) >= position)).any(axis=1)
     return (position < length) & (free_ahead_B & ~done_B).any()
 
-  initial = (jnp.asarray(prefill_length, jnp.int32), fixed_tokens_BL.astype(jnp.int32),
-             jnp.zeros((batch_size,), bool), cache)
-  _, tokens_BL, _, _ = jax.lax.while_loop(unfinished, body, initial)
+  initial = (jnp.asarray(prefill_length, jnp.int32), inputs_BL[:, prefill_length].astype(jnp.int32),
+             fixed_tokens_BL.astype(jnp.int32), jnp.zeros((batch_size,), bool), cache)
+  _, _, tokens_BL, _, _ = jax.lax.while_loop(unfinished, body, initial)
   if eos_id is not None:
     tokens_BL = pad_after_eos(tokens_BL, fixed_BL, eos_id, pad_id)
   return tokens_BL

@@ -141,7 +141,6 @@ class Network:
 class _Loop:
   """The state of the loop over windows."""
   canvas_BL: jax.Array
-  fixed_BL: jax.Array
   cache: Any
   window: jax.Array
   done_B: jax.Array
@@ -270,24 +269,21 @@ def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_toke
     _, cache = network.step_fn(canvas_BL[:, :prefill_length], 0, cache, None)
     network_calls += 1
 
-  def noise_level(canvas_BL, fixed_BL):
-    return ((canvas_BL == mask_id) & ~fixed_BL).sum(axis=1) / num_free_B
-
-  def window_logits(loop, canvas_BL, step, first):
-    """Logits float32[B, size, W] of the current window, and the cache; `first` (static): the
-    window's first step under the 'exact' cache."""
-    start = loop.window * size
-    t_B = noise_level(canvas_BL, loop.fixed_BL)
+  def window_logits(window, cache, canvas_BL, step, first):
+    """Logits float32[B, size, W] of the window, and the cache; `first` (static): the window's
+    first step under the 'exact' cache."""
+    start = window * size
+    t_B = ((canvas_BL == mask_id) & ~fixed_BL).sum(axis=1) / num_free_B
     window_BT = jax.lax.dynamic_slice_in_dim(canvas_BL, start, size, axis=1)
     if config.cache == "none":
-      return jax.lax.dynamic_slice_in_dim(network.model_fn(canvas_BL, t_B), start, size, axis=1), loop.cache
+      return jax.lax.dynamic_slice_in_dim(network.model_fn(canvas_BL, t_B), start, size, axis=1), cache
     if config.cache == "exact":
       def with_previous(cache):  # the finished window before this one, appended clean, and this one
         fed_start = jnp.maximum(start - size, 0) if length >= 2 * size else 0
         fed_BT = jax.lax.dynamic_slice_in_dim(canvas_BL, fed_start, min(2 * size, length), axis=1)
         logits_BTW, cache = network.step_fn(fed_BT, fed_start, cache, t_B)
         return jax.lax.dynamic_slice_in_dim(logits_BTW, start - fed_start, size, axis=1), cache
-      return with_previous(loop.cache) if first else network.step_fn(window_BT, start, loop.cache, t_B)
+      return with_previous(cache) if first else network.step_fn(window_BT, start, cache, t_B)
 
     def refresh(cache):  # the whole canvas, filling the cache
       logits_BLW, cache = network.step_fn(canvas_BL, 0, cache, t_B)
@@ -301,16 +297,16 @@ def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_toke
           logits_BTW, cache_out = network.step_fn(canvas_BL[:, window_start:], window_start, cache, t_B)
           return logits_BTW[:, :size], cache_out
         branches = [lambda w=w: from_window(w * size) for w in range(length // size)]
-        return jax.lax.switch(loop.window, branches)
-    return jax.lax.cond(step == 0, refresh, later, loop.cache)
+        return jax.lax.switch(window, branches)
+    return jax.lax.cond(step == 0, refresh, later, cache)
 
-  def reveal(loop, canvas_BL, logits_BTW, step, num_masked_B):
-    """The window after one step of the rule."""
-    start = loop.window * size
+  def reveal(window, canvas_BL, logits_BTW, step, num_masked_B):
+    """The canvas after one step of the rule on the window."""
+    start = window * size
     window_BT = jax.lax.dynamic_slice_in_dim(canvas_BL, start, size, axis=1)
-    free_BT = ~jax.lax.dynamic_slice_in_dim(loop.fixed_BL, start, size, axis=1)
+    free_BT = ~jax.lax.dynamic_slice_in_dim(fixed_BL, start, size, axis=1)
     active_BT = (window_BT == mask_id) & free_BT
-    step_keys_B = jax.vmap(lambda row_key: jax.random.fold_in(jax.random.fold_in(row_key, loop.window), step))(
+    step_keys_B = jax.vmap(lambda row_key: jax.random.fold_in(jax.random.fold_in(row_key, window), step))(
         row_keys_B)
     token_u_BT, choice_u_BT = base.step_uniforms(step_keys_B, size)
     log_probs_BTV = within.masked_log_probs(logits_BTW)
@@ -332,22 +328,22 @@ def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_toke
     window_BT = jnp.where(reveal_BT, candidates_BT, window_BT)
     return jax.lax.dynamic_update_slice_in_dim(canvas_BL, window_BT, start, axis=1)
 
-  def masked_in_window(loop, canvas_BL):
-    window_BT = jax.lax.dynamic_slice_in_dim(canvas_BL, loop.window * size, size, axis=1)
-    free_BT = ~jax.lax.dynamic_slice_in_dim(loop.fixed_BL, loop.window * size, size, axis=1)
+  def masked_in_window(window, canvas_BL):
+    window_BT = jax.lax.dynamic_slice_in_dim(canvas_BL, window * size, size, axis=1)
+    free_BT = ~jax.lax.dynamic_slice_in_dim(fixed_BL, window * size, size, axis=1)
     return ((window_BT == mask_id) & free_BT).sum(axis=1)
 
   def decode_window(loop):
-    num_masked_B = masked_in_window(loop, loop.canvas_BL)
+    num_masked_B = masked_in_window(loop.window, loop.canvas_BL)
 
     def step_cond(carry):
       canvas_BL, _, step, _ = carry
-      return jnp.any(masked_in_window(loop, canvas_BL) > 0) & (step < config.max_steps)
+      return jnp.any(masked_in_window(loop.window, canvas_BL) > 0) & (step < config.max_steps)
 
     def step_body(carry, first=False):
       canvas_BL, cache, step, calls = carry
-      logits_BTW, cache = window_logits(loop.replace(cache=cache), canvas_BL, step, first)
-      return reveal(loop, canvas_BL, logits_BTW, step, num_masked_B), cache, step + 1, calls + 1
+      logits_BTW, cache = window_logits(loop.window, cache, canvas_BL, step, first)
+      return reveal(loop.window, canvas_BL, logits_BTW, step, num_masked_B), cache, step + 1, calls + 1
 
     carry = (loop.canvas_BL, loop.cache, jnp.zeros((), jnp.int32), loop.network_calls)
     if config.cache == "exact":  # always taken, outside the loop: it appends the previous window's keys
@@ -355,16 +351,16 @@ def decode_blocks(network: Network, process, config: BlockwiseConfig, fixed_toke
     canvas_BL, cache, _, calls = jax.lax.while_loop(step_cond, step_body, carry)
     end = (loop.window + 1) * size
     positions_L = jnp.arange(length)
-    free_masked_BL = (canvas_BL == mask_id) & ~loop.fixed_BL
+    free_masked_BL = (canvas_BL == mask_id) & ~fixed_BL
     done_B = loop.done_B | ~free_masked_BL.any(axis=1)
     if shaped:
-      done_B |= ((canvas_BL == eos_id) & ~loop.fixed_BL & (positions_L < end)).any(axis=1)
+      done_B |= ((canvas_BL == eos_id) & ~fixed_BL & (positions_L < end)).any(axis=1)
     if on_window is not None:
       jax.debug.callback(on_window, loop.window + 1, canvas_BL, ordered=True)
     return loop.replace(canvas_BL=canvas_BL, cache=cache, window=loop.window + 1, done_B=done_B,
                         network_calls=calls)
 
-  loop = _Loop(canvas_BL=canvas_BL, fixed_BL=fixed_BL, cache=cache,
+  loop = _Loop(canvas_BL=canvas_BL, cache=cache,
                window=jnp.asarray(prefill_length // size, jnp.int32),
                done_B=~((canvas_BL == mask_id) & ~fixed_BL).any(axis=1), network_calls=network_calls)
   loop = jax.lax.while_loop(lambda loop: (loop.window < length // size) & ~loop.done_B.all(), decode_window, loop)
