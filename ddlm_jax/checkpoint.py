@@ -1,10 +1,11 @@
 """Orbax checkpoints of a run: train state, data position, model settings and config.
 
-Each step directory holds four items: 'state' (step, params, optimizer, EMA), 'data' (the
+Each step directory holds five items: 'state' (step, params, optimizer, EMA), 'data' (the
 batch iterator's position), 'identity' (the settings a resumed run must share, see
 `config.run_identity`; checked before any restore so that a checkpoint of another model or data
-order is refused with a clear message) and 'config' (the full experiment config, for
-`ddlm_jax.load`). Orbax writes each step to a temporary directory and renames it
+order is refused with a clear message), 'config' (the full experiment config, for
+`ddlm_jax.load`) and 'provenance' (the run whose parameters this one started from, `config.init_from`,
+and that run's provenance in turn; empty for a run trained from scratch; absent in older checkpoints). Orbax writes each step to a temporary directory and renames it
 when complete, so a run killed mid-save leaves the previous checkpoint intact.
 """
 import logging
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data", "identity", "config")
+ITEMS = ("state", "data", "identity", "config", "provenance")
 
 
 class CheckpointError(ValueError):
@@ -71,7 +72,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: dict,
-         identity: dict, config: dict) -> None:
+         identity: dict, config: dict, provenance: dict) -> None:
   """Saves one step; refuses a state with NaN/Inf so a good checkpoint is never replaced by a bad one."""
   if not all_finite(state):
     latest = manager.latest_step()
@@ -79,7 +80,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: d
                              f"The last good checkpoint (step {latest}) is kept in {manager.directory}")
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position),
-      identity=ocp.args.JsonSave(identity), config=ocp.args.JsonSave(config)), force=True)
+      identity=ocp.args.JsonSave(identity), config=ocp.args.JsonSave(config),
+      provenance=ocp.args.JsonSave(provenance)), force=True)
   manager.wait_until_finished()
 
 
@@ -93,6 +95,17 @@ def read_json_items(manager: ocp.CheckpointManager, step: int) -> dict:
                           "Nothing was changed; move that step directory away to resume from an "
                           "earlier step.") from error
   return {name: restored[name] for name in ("data", "identity", "config")}
+
+
+def read_provenance(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The 'provenance' item of a step: {} for a run trained from scratch or a checkpoint older than the item."""
+  if not os.path.isdir(os.path.join(manager.directory, str(step), "provenance")):
+    return {}
+  try:
+    return manager.restore(step, args=ocp.args.Composite(provenance=ocp.args.JsonRestore()))["provenance"]
+  except Exception as error:  # orbax raises many types for damaged files
+    raise CheckpointError(f"the provenance of checkpoint step {step} in {manager.directory} cannot be read "
+                          f"({_summary(error)})") from error
 
 
 def check_identity(saved: dict, current: dict, where: str) -> None:

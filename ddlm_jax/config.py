@@ -9,6 +9,7 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
+from ddlm_jax import evaluate
 from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import samplers
 from ddlm_jax import sharding
@@ -28,10 +29,12 @@ NUMERIC_RANGES = {
     "train.time_limit_minutes": (0, math.inf, False, True),
     "train.learning_rate": (0, math.inf, True, True),
     "train.warmup_steps": (0, math.inf, False, True),
+    "train.attention_anneal_steps": (0, math.inf, False, True),
     "train.min_learning_rate_ratio": (0, 1, False, False),
     "train.weight_decay": (0, math.inf, False, True),
     "train.b1": (0, 1, False, True),
     "train.b2": (0, 1, False, True),
+    "train.eps": (0, math.inf, True, True),
     "train.grad_clip_norm": (0, math.inf, True, True),
     "train.ema_decay": (0, 1, False, True),
     "train.log_every": (1, math.inf, False, True),
@@ -50,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.multi_process = False  # call jax.distributed.initialize() (multi-host pods)
+  # Another run's workdir: a new run (no checkpoint of its own yet) starts from that run's parameters (its EMA
+  # if it kept one) and tokenizer, with its own process, optimizer and data; empty: from scratch.
+  config.init_from = ""
 
   config.data = ml_collections.ConfigDict(dict(
       source="embedded",         # 'embedded' | 'text_files' | 'tfds'
@@ -62,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       vocab_size=1024,           # sentencepiece only
       seq_len=128,
       packing="pad",             # 'pad': one document per row; 'pack': concatenate and chunk
+      train_windows="rows",      # 'rows': the layout's fixed rows, reshuffled per epoch; 'random' (pack):
+                                 # contiguous windows of the training stream at fresh offsets every batch
       num_train_docs=50_000,     # sampled (embedded corpus) or read at most (other sources)
       num_eval_docs=1_000,
       validation_fraction=0.05,  # local text files only
@@ -80,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
       # The network's vocabulary is padded to a multiple of vocab_multiple (the process ignores the
       # extra logits; 1: no padding); with mesh.tensor > 1 it must be a multiple of mesh.tensor.
       vocab_multiple=experiment_lib.VOCAB_MULTIPLE,
+      # Keep an autoregressive network's next-token outputs (position i's logits from the slot holding the
+      # token before it, after a [BOS] slot): a masked/uniform/d3pm model started from an AR run (init_from)
+      shift_logits=False,
   ))
 
   config.process = ml_collections.ConfigDict(dict(
@@ -103,9 +114,11 @@ def base_config() -> ml_collections.ConfigDict:
       time_limit_minutes=0.0,    # stop (and save) after this much training time; 0 = no limit
       learning_rate=1e-3,
       warmup_steps=100,
-      min_learning_rate_ratio=0.1,  # cosine decay ends at learning_rate * this
+      schedule="cosine",         # after warm-up: 'cosine' | 'linear' decay to learning_rate * min_learning_rate_ratio,
+                                 # or 'constant'
+      min_learning_rate_ratio=0.1,  # the decay ends at learning_rate * this
       weight_decay=0.01,
-      b1=0.9, b2=0.98,
+      b1=0.9, b2=0.98, eps=1e-8,  # AdamW's moment decays and the epsilon added to its denominator
       grad_clip_norm=1.0,
       ema_decay=0.0,             # 0 disables the EMA of parameters
       condition_dropout=0.0,     # pair tasks: share of rows trained without their source (for CFG)
@@ -113,12 +126,17 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=500,
       checkpoint_every=500,
       keep_checkpoints=3,
+      sample_at_end=True,        # the launcher's --mode=train prints config.sample.num_samples samples at the end
+      # AR -> diffusion adaptation: over this many first steps the attention of a bidirectional model is annealed
+      # from causal (step 0) to bidirectional, each later key visible with probability step / attention_anneal_steps
+      attention_anneal_steps=0,
   ))
 
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=64,
       elbo_samples=4,            # Monte Carlo draws of t per held-out sequence
       max_docs=1_000,
+      rows="spread",             # which max_docs held-out rows are scored: 'spread' evenly over the split, or the 'first'
       exact_time_sum=False,      # d3pm: sum all T terms of the bound instead of drawing t
   ))
 
@@ -159,6 +177,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.eval.exact_time_sum sums the steps of a discrete-time bound: it needs "
                      f"process 'd3pm', not {config.process.name!r}")
   _check_pair_task_settings(config)
+  for key, allowed in (("train.schedule", experiment_lib.LEARNING_RATE_SCHEDULES),
+                       ("eval.rows", evaluate.ROW_SELECTIONS)):
+    if config[key] not in allowed:
+      raise ValueError(f"config.{key}={config[key]!r} is not one of {allowed}")
+  if config.train.attention_anneal_steps and config.process.name in ("autoregressive", "block", "gaussian"):
+    raise ValueError("config.train.attention_anneal_steps anneals a bidirectional token network's attention from "
+                     f"causal: it needs process masked, uniform or d3pm, not {config.process.name!r}")
   if config.sample.method == "speculative":
     raise ValueError("config.sample.method 'speculative' needs a drafter model, which a run's config cannot name: "
                      "call Pipeline.generate(method='speculative', drafter=ddlm_jax.load(DRAFTER_WORKDIR))")
@@ -181,6 +206,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sampler = sampler_config(config)
     if isinstance(sampler, blockwise.BlockwiseConfig):
       blockwise.check_blockwise(process, sampler, config.data.seq_len)
+      if config.model.shift_logits and sampler.cache != "none":
+        raise ValueError(f"cache {sampler.cache!r} needs KV-cache decoding, which a network with shift_logits "
+                         "lacks: use cache 'none'")
     elif isinstance(sampler, samplers.SamplerConfig):
       sampler.max_blocks(config.data.seq_len)
       samplers.check_sampler(process, sampler)

@@ -4,8 +4,11 @@ Every family is scored by the same `NelboFn`: the exact NLL for the autoregressi
 upper bound (negative ELBO) for the diffusion families. A diffusion bound is a Monte Carlo
 estimate: each sequence's NELBO is averaged over `num_samples` draws of (t, x_t) (of x_t at every
 step when a discrete-time bound sums all its steps), and the standard error of the total comes
-from the spread of those draws. Bits per token divide the total by the number of text tokens (EOS
-and padding are scored by the model but not counted), the same divisor used for the generator's
+from the spread of those draws. Beside it stands the standard error over sequences: the scored
+sequences taken as a sample of the text, bits per token a ratio estimator (total bits / total
+tokens) whose spread includes the Monte Carlo noise of each sequence's mean. Bits per token divide
+the total by the number of text tokens (the [EOS] and padding of a held-out row laid out as in
+training are scored by the model but not counted), the same divisor used for the generator's
 exact NLL of the same documents, so the two numbers are directly comparable and the bound must
 lie above. Bits per character divide the same total by the characters of the text.
 
@@ -28,9 +31,23 @@ import numpy as np
 import sacrebleu
 
 LN2 = float(np.log(2.0))
+# How `held_out_elbo` picks its rows of the held-out split: evenly spread over it, or the first ones.
+ROW_SELECTIONS = ("spread", "first")
 
-# (params, rows int32[B, L], key) -> NELBO nats float32[B]; jitted by the caller.
-NelboFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+# (params, rows int32[B, L], key, *per-row inputs [B, ...]) -> NELBO nats float32[B]; jitted by the caller.
+NelboFn = Callable[..., jax.Array]
+
+
+def ratio_stderr(numerators_N: np.ndarray, denominators_N: np.ndarray) -> float:
+  """Standard error of sum(numerators) / sum(denominators) with the N pairs a random sample (the
+  delta method): sqrt(N / (N - 1) * sum_i (y_i - R x_i)^2) / sum_i x_i, R the ratio. NaN for N < 2."""
+  numerators_N, denominators_N = np.asarray(numerators_N, np.float64), np.asarray(denominators_N, np.float64)
+  count = len(numerators_N)
+  if count < 2:
+    return math.nan
+  ratio = numerators_N.sum() / denominators_N.sum()
+  residuals_N = numerators_N - ratio * denominators_N
+  return float(np.sqrt(count / (count - 1) * np.sum(residuals_N ** 2)) / denominators_N.sum())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +58,11 @@ class ElboResult:
     bits_per_token: total NELBO (or NLL) in bits / total text tokens.
     stderr: Monte Carlo standard error of bits_per_token (0 for an exact NLL).
     num_sequences: sequences scored.
-    num_tokens: text tokens scored (the divisor).
     num_samples: Monte Carlo draws per sequence: of (t, x_t), or with exact_time_sum of x_t at
       every step; 1 for an exact NLL.
     bits_per_sequence: float64[N], each sequence's NELBO (or NLL) in bits.
-    num_chars: characters of the scored texts, when known.
+    tokens_per_sequence: int[N], each sequence's text tokens (the divisor).
+    chars_per_sequence: int[N], each sequence's characters, when known.
     exact: bits_per_token is an exact NLL, not a bound.
     exact_time_sum: the bound summed every one of its T steps instead of drawing t.
     reference_bits_per_token: the data generator's exact NLL of the same documents (embedded
@@ -55,10 +72,10 @@ class ElboResult:
   bits_per_token: float
   stderr: float
   num_sequences: int
-  num_tokens: int
   num_samples: int
   bits_per_sequence: np.ndarray
-  num_chars: int | None = None
+  tokens_per_sequence: np.ndarray
+  chars_per_sequence: np.ndarray | None = None
   exact: bool = False
   exact_time_sum: bool = False
   reference_bits_per_token: float | None = None
@@ -69,10 +86,33 @@ class ElboResult:
       raise ValueError("exact_time_sum sums the steps of a bound; an exact NLL (exact=True) has none")
 
   @property
+  def num_tokens(self) -> int:
+    """Text tokens scored, the divisor of bits_per_token."""
+    return int(np.sum(self.tokens_per_sequence))
+
+  @property
+  def num_chars(self) -> int | None:
+    """Characters of the scored texts, when known."""
+    return None if self.chars_per_sequence is None else int(np.sum(self.chars_per_sequence))
+
+  @property
   def bits_per_char(self) -> float | None:
     if not self.num_chars:
       return None
     return self.bits_per_token * self.num_tokens / self.num_chars
+
+  @property
+  def stderr_over_sequences(self) -> float:
+    """Standard error of bits_per_token over the sequences as a sample (`ratio_stderr`): it
+    includes the Monte Carlo noise, and is nonzero for an exact NLL too; NaN for one sequence."""
+    return ratio_stderr(self.bits_per_sequence, self.tokens_per_sequence)
+
+  @property
+  def bits_per_char_stderr_over_sequences(self) -> float | None:
+    """The same for bits_per_char; None without character counts."""
+    if not self.num_chars:
+      return None
+    return ratio_stderr(self.bits_per_sequence, self.chars_per_sequence)
 
   @property
   def estimate(self) -> str:
@@ -85,10 +125,14 @@ class ElboResult:
     summary = {"estimate": self.estimate, "bits_per_token": self.bits_per_token,
                "bits_per_token_stderr": self.stderr, "num_sequences": self.num_sequences,
                "num_tokens": self.num_tokens}
+    if self.num_sequences > 1:
+      summary["bits_per_token_stderr_over_sequences"] = self.stderr_over_sequences
     if not self.exact:
       summary["elbo_samples"] = self.num_samples
     if self.num_chars:
       summary["bits_per_char"] = self.bits_per_char
+      if self.num_sequences > 1:
+        summary["bits_per_char_stderr_over_sequences"] = self.bits_per_char_stderr_over_sequences
     if self.reference_bits_per_token is not None:
       summary["generator_bits_per_token"] = self.reference_bits_per_token
       summary["bits_per_document"] = float(self.bits_per_sequence.mean())
@@ -105,8 +149,12 @@ class ElboResult:
     else:
       text = (f"held-out NELBO: {self.bits_per_token:.4f} ± {self.stderr:.4f} bits/token "
               f"({counts}, {self.num_samples} draws of t each)")
+    if self.num_sequences > 1:
+      text += f"\n  ± {self.stderr_over_sequences:.4f} bits/token over sequences (Monte Carlo noise included)"
     if self.num_chars:
       text += f"\n  = {self.bits_per_char:.4f} bits/character ({self.num_chars} characters)"
+      if self.num_sequences > 1:
+        text += f" ± {self.bits_per_char_stderr_over_sequences:.4f} over sequences"
     if self.reference_bits_per_token is not None:
       text += (f"\ngenerator's exact NLL of the same documents: {self.reference_bits_per_token:.4f} bits/token"
                f" (gap {self.bits_per_token - self.reference_bits_per_token:+.4f})"
@@ -117,22 +165,24 @@ class ElboResult:
 
 def elbo(nelbo_fn: NelboFn, params: Any, rows_NL: np.ndarray, num_tokens_N: np.ndarray, *,
          num_samples: int, batch_size: int, seed: int, batch_sharding=None, exact: bool = False,
-         exact_time_sum: bool = False) -> ElboResult:
+         exact_time_sum: bool = False, row_inputs: Sequence[np.ndarray] = ()) -> ElboResult:
   """Monte Carlo NELBO of every row, in bits per text token.
 
   Args:
-    nelbo_fn: jitted (params, rows_BL, key) -> nats_B, one draw of t per row.
+    nelbo_fn: jitted (params, rows_BL, key, *inputs_BL) -> nats_B, one draw of t per row.
     params: the model parameters passed through to nelbo_fn.
     rows_NL: int32[N, L] sequences (padded as in training).
     num_tokens_N: text tokens of each row, the divisor of bits per token.
     num_samples: draws per row (>= 2 for a standard error): of (t, x_t), or with exact_time_sum
       of x_t at every step.
+    batch_size: rows per call; the last batch is padded and its padding dropped.
+    seed: seed of the draws.
+    batch_sharding: optional sharding of a batch on the device mesh (of the row inputs too).
     exact: nelbo_fn is an exact NLL (autoregressive): one pass, standard error 0.
     exact_time_sum: nelbo_fn sums every step of a discrete-time bound (draws only x_t); it
       labels the result.
-    batch_size: rows per call; the last batch is padded and its padding dropped.
-    seed: seed of the draws.
-    batch_sharding: optional sharding of a batch on the device mesh.
+    row_inputs: arrays [N, L] batched beside the rows and passed to nelbo_fn after the key (e.g.
+      `experiment.make_nelbo_fn`'s fixed_NL and visible_NL).
   """
   if exact:
     num_samples = 1
@@ -141,37 +191,58 @@ def elbo(nelbo_fn: NelboFn, params: Any, rows_NL: np.ndarray, num_tokens_N: np.n
   num_rows = len(rows_NL)
   if num_rows == 0:
     raise ValueError("no sequences to evaluate")
+  mismatched = [np.shape(inputs_NL) for inputs_NL in row_inputs if len(inputs_NL) != num_rows]
+  if mismatched:
+    raise ValueError(f"row_inputs of shapes {mismatched} do not have the {num_rows} rows of rows_NL")
   padded = -(-num_rows // batch_size) * batch_size
-  rows_PL = np.concatenate([rows_NL, np.repeat(rows_NL[-1:], padded - num_rows, axis=0)])
+  pad = lambda x_NL: np.concatenate([x_NL, np.repeat(x_NL[-1:], padded - num_rows, axis=0)])
+  rows_PL, inputs_PL = pad(rows_NL), [pad(np.asarray(inputs_NL)) for inputs_NL in row_inputs]
   key = jax.random.key(seed)
   nats = []  # device arrays, fetched once at the end so the calls run back to back
   for sample in range(num_samples):
     for start in range(0, padded, batch_size):
-      batch_BL = rows_PL[start:start + batch_size]
+      batch = [x_PL[start:start + batch_size] for x_PL in (rows_PL, *inputs_PL)]
       if batch_sharding is not None:
-        batch_BL = jax.device_put(batch_BL, batch_sharding)
-      nats.append(nelbo_fn(params, batch_BL, jax.random.fold_in(jax.random.fold_in(key, sample), start)))
+        batch = [jax.device_put(x_BL, batch_sharding) for x_BL in batch]
+      batch_BL, *inputs_BL = batch
+      nats.append(nelbo_fn(params, batch_BL, jax.random.fold_in(jax.random.fold_in(key, sample), start),
+                           *inputs_BL))
   nats_KN = np.asarray(jax.device_get(nats), np.float64).reshape(num_samples, padded)[:, :num_rows]
-  total_tokens = int(np.sum(num_tokens_N))
+  tokens_N = np.asarray(num_tokens_N)
   mean_nats_N = nats_KN.mean(0)
   total_variance = 0.0 if exact else (nats_KN.var(0, ddof=1) / num_samples).sum()
-  return ElboResult(bits_per_token=float(mean_nats_N.sum() / LN2 / total_tokens),
-                    stderr=float(np.sqrt(total_variance) / LN2 / total_tokens),
-                    num_sequences=num_rows, num_tokens=total_tokens, num_samples=num_samples,
-                    bits_per_sequence=mean_nats_N / LN2, exact=exact, exact_time_sum=exact_time_sum)
+  return ElboResult(bits_per_token=float(mean_nats_N.sum() / LN2 / tokens_N.sum()),
+                    stderr=float(np.sqrt(total_variance) / LN2 / tokens_N.sum()),
+                    num_sequences=num_rows, num_samples=num_samples, bits_per_sequence=mean_nats_N / LN2,
+                    tokens_per_sequence=tokens_N, exact=exact, exact_time_sum=exact_time_sum)
+
+
+def select_rows(num_rows: int, max_rows: int, rows: str = "spread") -> np.ndarray:
+  """int[min(M, max_rows)] indices of the rows of a split of M that `held_out_elbo` scores:
+  'spread', evenly spaced over the split (np.round(np.linspace(0, M - 1, max_rows)), distinct), or
+  the 'first' max_rows; all of them when M <= max_rows."""
+  if rows not in ROW_SELECTIONS:
+    raise ValueError(f"config.eval.rows={rows!r} is not one of {ROW_SELECTIONS}")
+  if max_rows < 1:
+    raise ValueError(f"config.eval.max_docs must be >= 1, got {max_rows}")
+  if num_rows <= max_rows or rows == "first":
+    return np.arange(min(num_rows, max_rows))
+  return np.round(np.linspace(0, num_rows - 1, max_rows)).astype(np.int64)
 
 
 def held_out_elbo(nelbo_fn: NelboFn, params: Any, data, *, num_samples: int, batch_size: int,
                   max_rows: int, seed: int, batch_sharding=None, exact: bool = False,
-                  exact_time_sum: bool = False) -> ElboResult:
-  """`elbo` of a DataBundle's eval rows, with the generator's exact NLL beside it when known.
+                  exact_time_sum: bool = False, rows: str = "spread") -> ElboResult:
+  """`elbo` of at most `max_rows` of a DataBundle's eval rows (chosen by `rows`, see
+  `select_rows`), with the generator's exact NLL beside it when known.
 
   When the generator's log-probabilities are known, rows cut short by the sequence length
   (NaN log-probability) are left out, so both numbers cover exactly the same documents.
   """
-  rows_NL, num_tokens_N = data.eval_rows[:max_rows], data.eval_num_tokens[:max_rows]
-  num_chars_N = data.eval_num_chars[:max_rows]
-  log_probs_N = None if data.eval_log_probs is None else data.eval_log_probs[:max_rows]
+  chosen = select_rows(len(data.eval_rows), max_rows, rows)
+  rows_NL, num_tokens_N = data.eval_rows[chosen], data.eval_num_tokens[chosen]
+  num_chars_N = data.eval_num_chars[chosen]
+  log_probs_N = None if data.eval_log_probs is None else data.eval_log_probs[chosen]
   if log_probs_N is not None:
     whole_N = np.isfinite(log_probs_N)
     rows_NL, num_tokens_N, num_chars_N, log_probs_N = (
@@ -179,7 +250,7 @@ def held_out_elbo(nelbo_fn: NelboFn, params: Any, data, *, num_samples: int, bat
   result = elbo(nelbo_fn, params, rows_NL, num_tokens_N, num_samples=num_samples,
                 batch_size=batch_size, seed=seed, batch_sharding=batch_sharding, exact=exact,
                 exact_time_sum=exact_time_sum)
-  result = dataclasses.replace(result, num_chars=int(num_chars_N.sum()))
+  result = dataclasses.replace(result, chars_per_sequence=np.asarray(num_chars_N))
   if log_probs_N is None:
     return result
   reference_bits_N = -log_probs_N / LN2

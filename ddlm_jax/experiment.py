@@ -47,6 +47,7 @@ from ddlm_jax.processes import uniform
 VOCAB_MULTIPLE = 128
 # The vocabulary that validation builds a config's objects over, before any tokenizer exists: the
 # special ids and a few more.
+LEARNING_RATE_SCHEDULES = ("cosine", "linear", "constant")
 STAND_IN_VOCAB_SIZE = len(tokenizers.SPECIAL_TOKENS) + 12
 
 
@@ -160,8 +161,13 @@ def model_config(config: ml_collections.ConfigDict, process) -> transformer.Tran
   if isinstance(vocab_multiple, bool) or not isinstance(vocab_multiple, int) or vocab_multiple < 1:
     raise ValueError(f"vocab_multiple must be an integer >= 1 (1: no padding), got {vocab_multiple!r}")
   padded_vocab_size = -(-process.vocab_size // vocab_multiple) * vocab_multiple
-  return transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=config.data.seq_len,
+  shift_logits = network_settings.pop("shift_logits")
+  if shift_logits and (process.causal_network or latent_dim or block_size):
+    raise ValueError(f"shift_logits (an AR network's next-token outputs, for adapting it to diffusion) needs a "
+                     f"bidirectional token process (masked, uniform, d3pm), not {type(process).__name__}")
+  return transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=config.data.seq_len + shift_logits,
                                        causal=process.causal_network, latent_dim=latent_dim, block_size=block_size,
+                                       shift_start_id=tokenizers.BOS_ID if shift_logits else None,
                                        **network_settings)
 
 
@@ -220,13 +226,17 @@ def abstract_params(model: transformer.TransformerConfig,
   return graphdef, params, sharding.state_shardings(params, mesh, sharding.DEFAULT_RULES)
 
 
-def bind(graphdef: nnx.GraphDef, params: nnx.State,
-         dropout_key: jax.Array | None = None) -> Callable | gaussian.EmbeddingModel:
+def bind(graphdef: nnx.GraphDef, params: nnx.State, dropout_key: jax.Array | None = None,
+         visible_BL: jax.Array | None = None,
+         anneal: tuple[jax.Array, jax.Array] | None = None) -> Callable | gaussian.EmbeddingModel:
   """model_fn(x_t_BL, t_B, **inputs) -> logits_BLV of the network with these parameters (inputs:
   a block network's clean_tokens_BL); for an embedding-space network (the Gaussian family) its
-  denoiser with its embedding table."""
+  denoiser with its embedding table. visible_BL: bool[B, L], the only positions its attention
+  reads; anneal: (ratio, key) of attention annealed from causal to bidirectional (both
+  `Transformer.__call__`); None: all positions, the network's own attention."""
   model = nnx.merge(graphdef, params)
-  model_fn = lambda xt_BL, t_B, **inputs: model(xt_BL, t_B, dropout_key=dropout_key, **inputs)
+  model_fn = lambda xt_BL, t_B, **inputs: model(xt_BL, t_B, dropout_key=dropout_key, visible_BL=visible_BL,
+                                                anneal=anneal, **inputs)
   if model.config.latent_dim:
     return gaussian.EmbeddingModel(model_fn, model.embedding[...])
   return model_fn
@@ -321,20 +331,39 @@ def generate_tokens(graphdef: nnx.GraphDef, params: nnx.State, process,
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with linear warm-up, cosine decay and global-norm gradient clipping."""
-  learning_rate = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
-      decay_steps=max(train.num_steps, train.warmup_steps + 1),
-      end_value=train.learning_rate * train.min_learning_rate_ratio)
+  """AdamW with global-norm gradient clipping, under `learning_rate_schedule(train)`."""
   return optax.chain(
       optax.clip_by_global_norm(train.grad_clip_norm),
-      optax.adamw(learning_rate, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay))
+      optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                  weight_decay=train.weight_decay))
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0 to learning_rate over warmup_steps, then the `schedule`: a 'cosine' or
+  'linear' decay reaching learning_rate * min_learning_rate_ratio at num_steps, or 'constant'."""
+  peak, warmup = train.learning_rate, train.warmup_steps
+  if train.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
+                                [warmup])
+  end, decay_steps = peak * train.min_learning_rate_ratio, max(train.num_steps, warmup + 1)
+  if train.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
+                                              decay_steps=decay_steps, end_value=end)
+  if train.schedule == "linear":
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.linear_schedule(peak, end, decay_steps - warmup)], [warmup])
+  raise ValueError(f"config.train.schedule={train.schedule!r} is not one of {LEARNING_RATE_SCHEDULES}")
 
 
 def make_nelbo_fn(graphdef: nnx.GraphDef, process, mesh: jax.sharding.Mesh | None = None,
                   exact_time_sum: bool = False, pairs: bool = False) -> evaluate.NelboFn:
-  """Jitted (params, rows_BL, key) -> NELBO nats_B of the network (the exact NLL for the
-  autoregressive baseline); of the targets given their sources for `pairs`.
+  """Jitted (params, rows_BL, key, fixed_BL=None, visible_BL=None) -> NELBO nats_B of the network
+  (the exact NLL for the autoregressive baseline); of the targets given their sources for `pairs`.
+
+  Per-row masks: fixed_BL, bool[B, L], positions kept clean and not scored, beside a pair's source
+  (the process's prompt mask); visible_BL, bool[B, L], the positions the network attends to
+  (`bind`). A text shorter than the canvas, fixed and hidden after its end, has the bound it has
+  on a canvas of its own length (under the same draws).
 
   Times are drawn independently per row (not stratified over the batch), so rows are independent
   and `evaluate.elbo`'s standard error is valid. With `exact_time_sum` a discrete-time process
@@ -348,8 +377,10 @@ def make_nelbo_fn(graphdef: nnx.GraphDef, process, mesh: jax.sharding.Mesh | Non
   bound = process.nelbo_exact_time if exact_time_sum else process.nelbo
   out_shardings = None if mesh is None else sharding.replicated(mesh)
 
-  def nelbo_fn(params, rows_BL, key):
+  def nelbo_fn(params, rows_BL, key, fixed_BL=None, visible_BL=None):
     source_BL, rows_BL = pairs_lib.source_and_rows(rows_BL, pairs)
-    return bound(bind(graphdef, params), rows_BL, key, source_BL).nats_B
+    if fixed_BL is not None:
+      source_BL = fixed_BL if source_BL is None else source_BL | fixed_BL
+    return bound(bind(graphdef, params, visible_BL=visible_BL), rows_BL, key, source_BL).nats_B
 
   return jax.jit(nelbo_fn, out_shardings=out_shardings)

@@ -28,7 +28,8 @@ from ddlm_jax.data import datasets
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer, data and logs.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
-                          "train: train or resume, then evaluate and sample; eval: held-out ELBO of "
+                          "train: train or resume, then evaluate (and sample, unless "
+                          "config.train.sample_at_end is False); eval: held-out ELBO of "
                           "the latest checkpoint; sample: print samples from it.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", None, "Prompt(s) (sources of a pair task) for --mode=sample; "
                                      "each is sampled config.sample.num_samples times.")
@@ -84,13 +85,14 @@ def run(config, workdir: str, mode: str, prompts: list[str] | None) -> None:
     summary = train.train_and_evaluate(config, workdir)
     if "stopped" in summary:
       return
-  model = pipeline.load(workdir)
+  sampling = mode == "sample" or (mode == "train" and config.train.sample_at_end)
+  model = pipeline.load(workdir) if mode == "eval" or sampling else None
   if mode == "eval":
     result = model.evaluate(workdir, num_samples=config.eval.elbo_samples, exact_time_sum=config.eval.exact_time_sum,
                             max_docs=config.eval.max_docs)
     summary = {"params": model.params_name, **result.summary()}
     print(f"{model.params_name} parameters, {result.describe()}")
-  if mode in ("train", "sample"):
+  if sampling:
     sample = config.sample.to_dict()
     num_samples = sample.pop("num_samples")
     repeated = [prompt for prompt in prompts for _ in range(num_samples)] if prompts else None

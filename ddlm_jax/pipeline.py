@@ -17,7 +17,6 @@ from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import guidance
 from ddlm_jax import samplers
 from ddlm_jax import sharding
-from ddlm_jax.data import batching
 from ddlm_jax.data import datasets
 from ddlm_jax.data import pairs
 from ddlm_jax.data import tokenizers
@@ -59,6 +58,8 @@ class Pipeline:
     seq_len: the canvas length the network was trained on (its max_len).
     config: the experiment config.
     params_name: which parameters these are, 'EMA' (the run's average) or 'raw'.
+    provenance: the run this one started from (`config.init_from`, see `warm_start`), and that run's
+      in turn; {} for a run trained from scratch.
   """
   graphdef: nnx.GraphDef
   params: Any
@@ -67,6 +68,7 @@ class Pipeline:
   seq_len: int
   config: ml_collections.ConfigDict
   params_name: str = "raw"
+  provenance: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     self._pairs = self.config.data.task != "lm"
@@ -335,16 +337,32 @@ class Pipeline:
     return tokens_NL, fixed_NL
 
   def score(self, texts: str | Sequence[str], *, sources: str | Sequence[str] | None = None,
-            num_samples: int = 16, seed: int = 0, batch_size: int = 64,
+            eos: bool | None = None, num_samples: int = 16, seed: int = 0, batch_size: int = 64,
             truncate: bool = False) -> evaluate.ElboResult:
-    """Bound of each text in bits (`bits_per_sequence`) and over all (`bits_per_token`): the
-    negative ELBO of a diffusion model, the exact NLL of the autoregressive baseline.
+    """Bits of each text (`bits_per_sequence`) and per text token over all (`bits_per_token`),
+    never counting padding.
 
-    A model trained on a pair task scores each text as the target of its source (`sources`, one
-    per text). A row (source, its [EOS], the text and its [EOS]) must fit in the canvas; with
-    `truncate`, longer texts are cut to fit instead of refused. A single text (and source) is
-    scored as a list of one. Every text needs a token: an empty one is refused, since its bits per
-    token are undefined.
+    Each row holds the text (after its source and the source's [EOS], for a model trained on a
+    pair task, one source per text) and, with `eos`, the text's [EOS]: exactly these tokens are
+    scored, and bits per token divide by the text's tokens ([EOS] scored, not counted). The
+    positions after them are never noised nor scored. A model trained on padded documents
+    (config.data.packing 'pad') sees them as in training, [EOS] then [PAD]; one trained on packed
+    rows does not see them at all (`Transformer.__call__`'s visible_BL). So a text's score does not
+    depend on the canvas length or on what lies after it.
+
+    What it measures: for a diffusion model, a bound on -log p(text [, EOS] | its length), the
+    length given as in fixed-window evaluation (by the canvas's end or the padding); for the
+    autoregressive baseline, the exact -log p(text [, EOS]).
+
+    Args:
+      texts: the texts, or one text (scored as a list of one). Every text needs a token: an
+        empty one is refused, since its bits per token are undefined.
+      sources: a pair task's sources (or one source), one per text.
+      eos: score each text's [EOS] too; None: True for a model trained on padded documents,
+        False for one trained on packed rows.
+      num_samples: Monte Carlo draws per text (1 pass for the autoregressive baseline).
+      seed, batch_size: as in `generate`.
+      truncate: cut texts longer than the canvas to fit instead of refusing them.
     """
     texts = [texts] if isinstance(texts, str) else texts
     sources = [sources] if isinstance(sources, str) else sources
@@ -355,32 +373,44 @@ class Pipeline:
                        else "sources= applies to a model trained on a pair task, not to this language model")
     if sources is not None and len(sources) != len(texts):
       raise ValueError(f"got {len(sources)} sources for {len(texts)} texts")
-    eos_id = self.tokenizer.eos_id
+    padded_documents = self.config.data.packing == "pad"
+    eos = padded_documents if eos is None else eos
+    eos_id, pad_id = self.tokenizer.eos_id, self.tokenizer.pad_id
     prefixes = ([[]] * len(texts) if sources is None
                 else [pairs.encode_pair(self.tokenizer.encode(source), [], eos_id) for source in sources])
     encoded = [self.tokenizer.encode(text) for text in texts]
     if truncate:
-      encoded = [ids[:max(self.seq_len - 1 - len(prefix), 0)] for ids, prefix in zip(encoded, prefixes)]
+      encoded = [ids[:max(self.seq_len - eos - len(prefix), 0)] for ids, prefix in zip(encoded, prefixes)]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
       raise ValueError(f"texts {empty} have no tokens{' left once cut to fit' if truncate else ''}; score needs "
                        "at least one per text (bits per token divide by the token count)")
-    too_long = [i for i, (ids, prefix) in enumerate(zip(encoded, prefixes)) if len(prefix) + len(ids) >= self.seq_len]
+    too_long = [i for i, (ids, prefix) in enumerate(zip(encoded, prefixes)) if len(prefix) + len(ids) + eos > self.seq_len]
     if too_long:
-      raise ValueError(f"texts {too_long} (after their sources) have >= {self.seq_len} tokens, more than the "
-                       "model's canvas holds with its [EOS]")
-    rows_NL = batching.pad_documents([prefix + ids for prefix, ids in zip(prefixes, encoded)], self.seq_len,
-                                     eos_id=eos_id, pad_id=self.tokenizer.pad_id)
+      what = ", ".join(["after their sources"] * self._pairs + ["with their [EOS]"] * eos)
+      raise ValueError(f"texts {too_long}{f' ({what})' if what else ''} have more tokens than the model's canvas "
+                       f"of {self.seq_len} holds; pass truncate=True to cut them")
+    rows_NL = np.full((len(texts), self.seq_len), pad_id, np.int32)
+    starts_N1 = np.array([[len(prefix)] for prefix in prefixes])
+    ends_N1 = np.array([[len(prefix) + len(ids) + eos] for prefix, ids in zip(prefixes, encoded)])
+    for row_L, prefix, ids in zip(rows_NL, prefixes, encoded):
+      document = [*prefix, *ids, eos_id]  # the [EOS] after the text is scored only with `eos`
+      row_L[:min(len(document), self.seq_len)] = document[:self.seq_len]
+    positions_1L = np.arange(self.seq_len)[None]
+    fixed_NL = (positions_1L < starts_N1) | (positions_1L >= ends_N1)
+    row_inputs = (fixed_NL,) if padded_documents else (fixed_NL, positions_1L < ends_N1)
     return evaluate.elbo(self._nelbo_fn(exact_time_sum=False), self.params, rows_NL, np.array([len(ids) for ids in encoded]),
                          num_samples=num_samples, batch_size=min(batch_size, 1 << (len(texts) - 1).bit_length()),
-                         seed=seed, exact=self.process.exact_likelihood)
+                         seed=seed, exact=self.process.exact_likelihood, row_inputs=row_inputs)
 
   def evaluate(self, workdir: str, num_samples: int | None = None, seed: int = 0,
-               exact_time_sum: bool | None = None, max_docs: int | None = None) -> evaluate.ElboResult:
+               exact_time_sum: bool | None = None, max_docs: int | None = None,
+               rows: str | None = None) -> evaluate.ElboResult:
     """Held-out bound on the eval split of the run's data (with the generator's NLL where known).
 
     Settings left None take the run's `config.eval` values; `exact_time_sum` (D3PM) sums all T
-    steps of the bound instead of drawing one per sample.
+    steps of the bound instead of drawing one per sample; `rows` picks the max_docs rows scored,
+    'spread' evenly over the split or the 'first' (`evaluate.select_rows`).
     """
     data = datasets.load_data(config_lib.data_config(self.config), workdir)
     eval_config = self.config.eval
@@ -389,7 +419,8 @@ class Pipeline:
     return evaluate.held_out_elbo(nelbo_fn, self.params, data,
                                   num_samples=num_samples or eval_config.elbo_samples,
                                   batch_size=eval_config.batch_size, max_rows=max_docs or eval_config.max_docs,
-                                  seed=seed, exact=self.process.exact_likelihood, exact_time_sum=exact_time_sum)
+                                  seed=seed, exact=self.process.exact_likelihood, exact_time_sum=exact_time_sum,
+                                  rows=eval_config.rows if rows is None else rows)
 
 
 def load(workdir: str, step: int | None = None, use_ema: bool = True) -> Pipeline:
@@ -410,4 +441,5 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True) -> Pipelin
   params = checkpoint.restore_params(manager, step, "ema_params" if ema else "params",
                                      sharding.abstract(params, shardings))
   return Pipeline(graphdef=graphdef, params=params, tokenizer=tokenizer, process=experiment.process,
-                  seq_len=experiment.data.seq_len, config=config, params_name="EMA" if ema else "raw")
+                  seq_len=experiment.data.seq_len, config=config, params_name="EMA" if ema else "raw",
+                  provenance=checkpoint.read_provenance(manager, step))

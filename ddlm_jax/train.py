@@ -31,8 +31,8 @@ from ddlm_jax import config as config_lib
 from ddlm_jax import evaluate
 from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import sharding
+from ddlm_jax import warm_start
 from ddlm_jax.data import datasets
-from ddlm_jax.data import batching
 from ddlm_jax.data import corpus
 from ddlm_jax.data import pairs as pairs_lib
 from ddlm_jax.networks import transformer
@@ -49,15 +49,20 @@ class TrainState:
 
 def train_step(state: TrainState, batch_BL: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef,
                optimizer: optax.GradientTransformation, process, ema_decay: float, pairs: bool = False,
-               condition_dropout: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               condition_dropout: float = 0.0,
+               attention_anneal_steps: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the NELBO of a batch; the key is folded with the step inside. For
-  `pairs` (a sequence-to-sequence task) only the targets are noised and scored."""
+  `pairs` (a sequence-to-sequence task) only the targets are noised and scored. With
+  `attention_anneal_steps` the network's attention is annealed from causal to bidirectional
+  (`attention_anneal_ratio`; the mask is drawn inside the step)."""
   step_key = jax.random.fold_in(key, state.step)
-  loss_key, dropout_key, condition_key = jax.random.split(step_key, 3)
+  loss_key, dropout_key, condition_key, anneal_key = jax.random.split(step_key, 4)
   source_BL, batch_BL = pairs_lib.source_and_rows(batch_BL, pairs, condition_dropout, condition_key)
+  anneal = (attention_anneal_ratio(state.step, attention_anneal_steps), anneal_key) if attention_anneal_steps else None
 
   def loss_fn(params):
-    return process.loss(experiment_lib.bind(graphdef, params, dropout_key), batch_BL, loss_key, source_BL)
+    model_fn = experiment_lib.bind(graphdef, params, dropout_key, anneal=anneal)
+    return process.loss(model_fn, batch_BL, loss_key, source_BL)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -67,12 +72,15 @@ def train_step(state: TrainState, batch_BL: jax.Array, key: jax.Array, *, graphd
     decay = warmed_up_ema_decay(state.step, ema_decay)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
   metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+  if anneal is not None:
+    metrics["attention_anneal_ratio"] = anneal[0]
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 
 
 def make_train_step(experiment: experiment_lib.Experiment, graphdef: nnx.GraphDef,
                     optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh, shardings: TrainState, *,
-                    ema_decay: float = 0.0, condition_dropout: float = 0.0) -> Callable:
+                    ema_decay: float = 0.0, condition_dropout: float = 0.0,
+                    attention_anneal_steps: int = 0) -> Callable:
   """The step `train_and_evaluate` runs: `train_step` jitted with the state's shardings (from
   `init_state`), the batch split over the mesh's data axes, and the state donated.
 
@@ -81,9 +89,16 @@ def make_train_step(experiment: experiment_lib.Experiment, graphdef: nnx.GraphDe
   """
   step = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, process=experiment.process,
                            ema_decay=ema_decay, pairs=experiment.data.task != "lm",
-                           condition_dropout=condition_dropout)
+                           condition_dropout=condition_dropout, attention_anneal_steps=attention_anneal_steps)
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def attention_anneal_ratio(step: jax.Array, anneal_steps: int) -> jax.Array:
+  """The share of later keys each query sees at `step` while attention is annealed from causal
+  to bidirectional: step / anneal_steps, 0 at the first step and 1 from `anneal_steps` on (DiffuLLaMA
+  anneals linearly)."""
+  return jnp.minimum(step.astype(jnp.float32) / anneal_steps, 1.0)
 
 
 def warmed_up_ema_decay(step: jax.Array, ema_decay: float) -> jax.Array:
@@ -108,18 +123,19 @@ def abstract_state(experiment: experiment_lib.Experiment, config: ml_collections
 
 
 def init_state(experiment: experiment_lib.Experiment, config: ml_collections.ConfigDict,
-               mesh: jax.sharding.Mesh,
-               optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-  """(graphdef, a fresh train state created directly in its sharded layout, shardings)."""
+               mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation,
+               params: nnx.State | None = None) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """(graphdef, a fresh train state created directly in its sharded layout, shardings): step 0, the
+  optimizer's initial state, and `params` (another run's, `warm_start`) or freshly initialised ones."""
   graphdef, _, shardings = abstract_state(experiment, config, mesh, optimizer)
 
-  def init():
-    model = transformer.Transformer(experiment.model, rngs=nnx.Rngs(config.seed))
-    params = nnx.split(model, nnx.Param)[1]
+  def init(params):
+    if params is None:
+      params = nnx.split(transformer.Transformer(experiment.model, rngs=nnx.Rngs(config.seed)), nnx.Param)[1]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       ema_params=params if config.train.ema_decay > 0 else None)
 
-  return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
+  return graphdef, jax.jit(init, out_shardings=shardings)(params), shardings
 
 
 def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, param_shardings) -> TrainState:
@@ -133,6 +149,49 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, param_shardings)
   return TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings,
                     ema_params=None if state.ema_params is None else param_shardings)
 
+
+class TrainingClock:
+  """Seconds and steps of training proper, for tokens/s: started as each step is dispatched (after
+  compilation; a running clock ignores it), stopped around evaluations and saves.
+
+    state, metrics = step_fn(...); clock.start(step)
+    steps_per_second = clock.lap(done)          # since the previous lap, once step `done` has finished
+    clock.stop(done, metrics); evaluate(...)    # the next clock.start resumes it
+  """
+
+  def __init__(self):
+    self.total_steps, self.total_seconds = 0, 0.0
+    self._lap_steps, self._lap_seconds = 0, 0.0
+    self._running_since: tuple[float, int] | None = None  # (time, step) while running
+
+  def start(self, step: int) -> None:
+    if self._running_since is None:
+      self._running_since = (time.perf_counter(), step)
+
+  def stop(self, step: int, outputs: Any = None) -> None:
+    """Stops after waiting for `outputs` (the arrays of the last step, still computing)."""
+    if self._running_since is None:
+      return
+    jax.block_until_ready(outputs)
+    started, first_step = self._running_since
+    seconds, steps = time.perf_counter() - started, step - first_step
+    self.total_seconds += seconds
+    self.total_steps += steps
+    self._lap_seconds += seconds
+    self._lap_steps += steps
+    self._running_since = None
+
+  def lap(self, step: int) -> float:
+    """Steps per second since the previous lap, pauses left out (0 before any timed step)."""
+    self.stop(step)
+    rate = self._lap_steps / self._lap_seconds if self._lap_seconds else 0.0
+    self._lap_steps, self._lap_seconds = 0, 0.0
+    self.start(step)
+    return rate
+
+  def total_rate(self) -> float:
+    """Steps per second over every timed step (0 before any)."""
+    return self.total_steps / self.total_seconds if self.total_seconds else 0.0
 
 
 # Why a run stops early, least urgent first: processes that disagree act on the most urgent reason.
@@ -187,7 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     A summary: final step, which parameters were evaluated ('EMA' or 'raw'), held-out bits per
     token with its standard error, the generator's exact bits per token on the same documents
-    (embedded corpus) and tokens/s; {'step', 'stopped': 'SIGTERM'} after SIGTERM.
+    (embedded corpus), the tokens/s of this run's training (`TrainingClock`) and, for a run started from
+    another (`config.init_from`, see `warm_start`), where it came from; {'step', 'stopped': 'SIGTERM'} after SIGTERM.
   """
   config_lib.validate(config)
   sharding.init_distributed(config.multi_process)
@@ -205,6 +265,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"from step {latest} on, the learning rate follows the schedule of a {train_cfg.num_steps}-step run",
             flush=True)
 
+  init_source = None
+  if latest is None and config.init_from:
+    init_source = warm_start.read_source(config.init_from)
+    warm_start.check_source(init_source, config)
+    warm_start.adopt_tokenizer(init_source, workdir)
   data = datasets.load_data(config_lib.data_config(config), workdir)
   check_eval_rows(data, config)
   manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
@@ -212,18 +277,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   graph = experiment_lib.build_neighbor_graph(config, data.train_rows, tokenizer.vocab_size, workdir)
   experiment = experiment_lib.make_experiment(config, tokenizer.vocab_size, graph)
   optimizer = experiment_lib.make_optimizer(train_cfg)
-  batches = batching.BatchIterator(data.train_rows, train_cfg.batch_size, seed=config.seed,
+  batches = datasets.train_batches(data, experiment.data, train_cfg.batch_size, config.seed,
                                    process_index=jax.process_index(), process_count=jax.process_count())
 
-  graphdef, state, shardings = init_state(experiment, config, mesh, optimizer)
+  provenance = {}
   if latest is not None:
+    graphdef, state, shardings = init_state(experiment, config, mesh, optimizer)
     state = checkpoint.restore_state(manager, latest, sharding.abstract(state, shardings))
     batches.set_state(saved["data"])
+    provenance = checkpoint.read_provenance(manager, latest)
     print(f"Resumed from step {latest} in {workdir}", flush=True)
+  elif init_source is not None:
+    params = warm_start.restore_params(init_source, experiment.model, mesh)
+    graphdef, state, shardings = init_state(experiment, config, mesh, optimizer, params)
+    provenance = init_source.record()
+    print(f"Starting from the {provenance['params']} parameters of step {init_source.step} in {init_source.workdir} "
+          f"(process {provenance['process']!r})", flush=True)
+  else:
+    graphdef, state, shardings = init_state(experiment, config, mesh, optimizer)
 
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = make_train_step(experiment, graphdef, optimizer, mesh, shardings, ema_decay=train_cfg.ema_decay,
-                            condition_dropout=train_cfg.condition_dropout)
+                            condition_dropout=train_cfg.condition_dropout,
+                            attention_anneal_steps=train_cfg.attention_anneal_steps)
   key = jax.random.key(config.seed)
   nelbo_fn = experiment_lib.make_nelbo_fn(graphdef, experiment.process, mesh, config.eval.exact_time_sum,
                                           pairs=experiment.data.task != "lm")
@@ -231,12 +307,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       evaluate.held_out_elbo, nelbo_fn, data=data, num_samples=config.eval.elbo_samples,
       batch_size=config.eval.batch_size, max_rows=config.eval.max_docs, seed=config.seed,
       batch_sharding=batch_sharding, exact=experiment.process.exact_likelihood,
-      exact_time_sum=config.eval.exact_time_sum)
+      exact_time_sum=config.eval.exact_time_sum, rows=config.eval.rows)
 
   params_name = "raw" if train_cfg.ema_decay == 0 else "EMA"
 
   def save(step):
-    checkpoint.save(manager, step, state, batches.get_state(), identity, config.to_dict())
+    checkpoint.save(manager, step, state, batches.get_state(), identity, config.to_dict(), provenance)
 
   stop = _StopRequest(train_cfg.time_limit_minutes)
   in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
@@ -244,8 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   start_step = int(state.step)
   tokens_per_step = train_cfg.batch_size * experiment.data.seq_len
-  tokens_per_second = 0.0
-  window_start, window_step = time.perf_counter(), start_step
+  clock = TrainingClock()
   stop_reason = None
   metrics = None
   progress = tqdm.tqdm(total=train_cfg.num_steps, initial=start_step, desc="train", unit="step",
@@ -255,6 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch_BL = jax.make_array_from_process_local_data(batch_sharding, next(batches))
       previous_metrics = metrics
       state, metrics = step_fn(state, batch_BL, key)
+      clock.start(step)  # after the call returns, so a first step's compilation is left out
       # At most two steps in flight: on a CPU with several devices, a long queue of dispatched
       # steps let device threads wait at a collective for devices whose work was queued behind.
       jax.block_until_ready(previous_metrics)
@@ -264,9 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        multihost_utils.process_allgather)
       if done % train_cfg.log_every == 0 or done == train_cfg.num_steps:
         metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        tokens_per_second = (done - window_step) * tokens_per_step / (now - window_start)
-        window_start, window_step = now, done
+        tokens_per_second = clock.lap(done) * tokens_per_step
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
         if writer:
           for name, value in {**metrics, "tokens_per_second": tokens_per_second}.items():
@@ -275,17 +349,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise FloatingPointError(f"training diverged at step {done}: {metrics}; the last good "
                                    f"checkpoint (step {manager.latest_step()}) is kept")
       if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
+        clock.stop(done, metrics)
         result = evaluate_params(evaluated_params(state))
         progress.write(f"step {done}: held-out {result.bits_per_token:.3f} ± {result.stderr:.3f} bits/token "
                        f"({params_name} parameters)")
         if writer:
           writer.add_scalar("eval/bits_per_token", result.bits_per_token, done)
       if done % train_cfg.checkpoint_every == 0 or stop_reason:
+        clock.stop(done, metrics)
         save(done)
       if stop_reason:
         progress.write(f"stopping at step {done} ({stop_reason})")
         break
     final_step = int(state.step)
+    clock.stop(final_step)
     if manager.latest_step() != final_step:
       save(final_step)
   finally:
@@ -303,8 +380,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if experiment.data.source == "embedded" and experiment.data.task == "lm":
       print(f"the generator's exact entropy: {corpus.default_corpus().entropy_bits():.2f} bits per document",
             flush=True)
-  summary = {"step": final_step, "tokens_per_second": tokens_per_second, "params": params_name,
+  summary = {"step": final_step, "tokens_per_second": clock.total_rate() * tokens_per_step, "params": params_name,
              **result.summary()}
+  if provenance:
+    summary["init_from"] = provenance
   return summary
 
 
@@ -328,6 +407,7 @@ def check_eval_rows(data: datasets.DataBundle, config: ml_collections.ConfigDict
   if not len(data.eval_rows):
     raise ValueError("the evaluation split is empty; raise config.data.num_eval_docs or "
                      "config.data.validation_fraction")
-  if data.eval_log_probs is not None and not np.isfinite(data.eval_log_probs[:config.eval.max_docs]).any():
+  chosen = evaluate.select_rows(len(data.eval_rows), config.eval.max_docs, config.eval.rows)
+  if data.eval_log_probs is not None and not np.isfinite(data.eval_log_probs[chosen]).any():
     raise ValueError(f"every evaluation document is longer than config.data.seq_len={config.data.seq_len}; "
                      "raise it so whole documents fit")

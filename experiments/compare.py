@@ -6,8 +6,8 @@
 
 Variant `FAMILY[,DATASET[,SIZE]]`: FAMILY is a key of FAMILIES; DATASET is 'embedded' (the
 default: the embedded corpus, BPE tokens, with the generator's exact NLL beside every bound) or
-'shakespeare' (a local text file cut into lines, character tokens: give its path with
---config.data.paths); SIZE is 'cpu' (the default: 4 layers of width 128, the README's table) or
+'shakespeare' (a local text file as one stream of characters, the last 5% held out, random
+training windows: `char_stream`'s protocol; give its path with --config.data.paths); SIZE is 'cpu' (the default: 4 layers of width 128, the README's table) or
 'base' (GPT-2-small-sized, 12 layers of width 768, for an accelerator). Every family trains the
 same transformer (no time conditioning, so the parameter counts are equal; the autoregressive
 one is causal) with the same optimizer, batch and step count.
@@ -41,8 +41,8 @@ def get_config(variant: str = "mdlm"):
   if dataset == "embedded":
     config.data.update(num_train_docs=50_000, num_eval_docs=500, vocab_size=2048, seq_len=64)
   else:
-    config.data.update(source="text_files", unit="line", tokenizer="char", seq_len=64, packing="pack",
-                       num_train_docs=1_000_000, num_eval_docs=1_000)
+    config.data.update(source="text_files", unit="stream", tokenizer="char", seq_len=64, packing="pack",
+                       train_windows="random")
   config.model.update(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512)
   config.train.update(batch_size=32, num_steps=1_000, learning_rate=2e-3, warmup_steps=50, log_every=50,
                       eval_every=100_000, checkpoint_every=250)

@@ -34,6 +34,8 @@ def block_causal_mask(length, block_size):
 
 
 CAUSAL_11 = jnp.tril(jnp.ones((1, 11, 11), bool))
+# Keys each row's queries see (a row's text and not what follows it): bool[2, 1, 11].
+VISIBLE_B1S = (jnp.arange(11) < jnp.array([7, 3])[:, None])[:, None]
 
 
 @pytest.mark.parametrize("implementation", ["xla", "chunked"])
@@ -43,6 +45,9 @@ CAUSAL_11 = jnp.tril(jnp.ones((1, 11, 11), bool))
     (True, None, CAUSAL_11),
     (False, block_causal_mask(11, 3), block_causal_mask(11, 3)),
     (True, block_causal_mask(11, 3), block_causal_mask(11, 3) & CAUSAL_11),
+    (False, VISIBLE_B1S, VISIBLE_B1S),
+    (True, VISIBLE_B1S, VISIBLE_B1S & CAUSAL_11),
+    (True, block_causal_mask(11, 3) & VISIBLE_B1S, block_causal_mask(11, 3) & VISIBLE_B1S & CAUSAL_11),
 ])
 def test_every_implementation_and_mask_is_the_softmax_over_visible_keys(implementation, chunk_size, causal,
                                                                         mask_BTS, expected_mask):
@@ -142,8 +147,10 @@ def test_attention_settings_are_checked():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention runs on NVIDIA GPUs only")
 @pytest.mark.parametrize("causal", [False, True])
-def test_cudnn_attention_equals_the_xla_one(causal):
+@pytest.mark.parametrize("visible_lengths", [None, (100, 37)])
+def test_cudnn_attention_equals_the_xla_one(causal, visible_lengths):
   q, k, v = (x.astype(jnp.bfloat16) for x in qkv(queries=128, keys=128, head_dim=64))
-  cudnn = layers.attention(q, k, v, causal=causal, implementation="cudnn")
-  xla = layers.attention(q, k, v, causal=causal, implementation="xla")
+  mask_B1S = None if visible_lengths is None else (jnp.arange(128) < jnp.array(visible_lengths)[:, None])[:, None]
+  cudnn = layers.attention(q, k, v, causal=causal, mask_BTS=mask_B1S, implementation="cudnn")
+  xla = layers.attention(q, k, v, causal=causal, mask_BTS=mask_B1S, implementation="xla")
   np.testing.assert_allclose(cudnn.astype(jnp.float32), xla.astype(jnp.float32), atol=2e-2)

@@ -233,7 +233,7 @@ def test_embedded_source_end_to_end(kind, tmp_path):
   tokenizer = data.tokenizer
   assert tokenizer.kind == kind
   assert data.train_rows.shape == (300, seq_len) and data.eval_rows.shape == (20, seq_len)
-  assert data.train_rows.dtype == data.eval_rows.dtype == np.int32
+  assert data.train_rows.dtype == data.eval_rows.dtype == np.int32 and data.train_stream is None
   generator = corpus.default_corpus()
   expected = generator.sample(20, corpus.split_seed("validation", 0))
   assert data.eval_texts == tuple(doc.text for doc in expected)
@@ -266,6 +266,11 @@ def test_embedded_source_packed(tmp_path):
   np.testing.assert_array_equal(data.eval_rows.reshape(-1), stream[:data.eval_rows.size])
   np.testing.assert_array_equal(data.eval_num_tokens,
                                 np.sum(data.eval_rows != tokenizers.EOS_ID, axis=1))
+  np.testing.assert_array_equal(data.eval_num_chars, data.eval_num_tokens)  # One character a token.
+  train_texts = [doc.text for doc in corpus.default_corpus().sample(300, corpus.split_seed("train", 0))]
+  train_stream = [token for text in train_texts for token in data.tokenizer.encode(text) + [tokenizers.EOS_ID]]
+  np.testing.assert_array_equal(data.train_stream, train_stream)
+  np.testing.assert_array_equal(data.train_rows.reshape(-1), data.train_stream[:data.train_rows.size])
 
 
 def test_text_files_source_trains_the_tokenizer_on_the_train_split_only(tmp_path):

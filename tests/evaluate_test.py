@@ -40,8 +40,9 @@ def test_elbo_of_a_perfect_denoiser_is_the_true_nll_with_a_calibrated_stderr():
 
 
 def test_bits_per_char_rescales_the_same_total():
-  result = evaluate.ElboResult(bits_per_token=2.0, stderr=0.1, num_sequences=1, num_tokens=30, num_samples=2,
-                               bits_per_sequence=np.array([60.0]), num_chars=120)
+  result = evaluate.ElboResult(bits_per_token=2.0, stderr=0.1, num_sequences=1, num_samples=2,
+                               bits_per_sequence=np.array([60.0]), tokens_per_sequence=np.array([30]),
+                               chars_per_sequence=np.array([120]))
   assert result.bits_per_char == 0.5
   assert result.summary()["bits_per_char"] == 0.5
 
@@ -61,8 +62,8 @@ class _FixedScoreModel:
 
   def score(self, texts, truncate):
     self.calls.append((list(texts), truncate))
-    return evaluate.ElboResult(bits_per_token=3.0, stderr=0.0, num_sequences=len(texts), num_tokens=1,
-                               num_samples=2, bits_per_sequence=np.zeros(len(texts)))
+    return evaluate.ElboResult(bits_per_token=3.0, stderr=0.0, num_sequences=len(texts), num_samples=2,
+                               bits_per_sequence=np.zeros(len(texts)), tokens_per_sequence=np.ones(len(texts)))
 
 
 def test_sample_quality_judges_with_the_ar_model_and_the_generator():
@@ -128,7 +129,8 @@ def test_held_out_elbo_scores_only_the_documents_the_generator_scored_whole():
   data = types.SimpleNamespace(eval_rows=rows_NL, eval_num_tokens=np.array([2, 3, 1, 2]),
                                eval_num_chars=np.array([10, 15, 5, 9]),
                                eval_log_probs=np.array([-2.0, np.nan, -4.0, -8.0]))
-  result = evaluate.held_out_elbo(_row_sum_nats, None, data, num_samples=2, batch_size=2, max_rows=3, seed=0)
+  result = evaluate.held_out_elbo(_row_sum_nats, None, data, num_samples=2, batch_size=2, max_rows=3, seed=0,
+                                  rows="first")
   # Row 1 was cut short (NaN) and row 3 is past max_rows: rows 0 and 2 remain, 3 tokens, 15 characters.
   assert (result.num_sequences, result.num_tokens, result.num_chars) == (2, 3, 15)
   np.testing.assert_allclose(result.bits_per_sequence, np.array([3, 6]) / np.log(2), rtol=1e-6)
@@ -140,10 +142,56 @@ def test_held_out_elbo_scores_only_the_documents_the_generator_scored_whole():
   # batches of 2: the padding row of the last batch is dropped).
   data.eval_log_probs = None
   result = evaluate.held_out_elbo(_row_sum_nats, None, data, num_samples=2, batch_size=2, max_rows=3, seed=0,
-                                  exact_time_sum=True)
+                                  exact_time_sum=True, rows="first")
   assert (result.num_sequences, result.num_tokens, result.num_chars) == (3, 6, 30)
   np.testing.assert_allclose(result.bits_per_sequence, np.array([3, 12, 6]) / np.log(2), rtol=1e-6)
   assert result.reference_bits_per_token is None and result.exact_time_sum
+
+
+def test_spread_scores_evenly_spaced_rows_and_first_the_first_ones():
+  """Of 10 rows, 'spread' scores np.round(np.linspace(0, 9, 4)) = rows 0, 3, 6, 9; 'first' rows
+  0-3; both score all of them when max_rows reaches the split's size."""
+  data = types.SimpleNamespace(eval_rows=np.arange(10)[:, None], eval_num_tokens=np.ones(10, int),
+                               eval_num_chars=np.ones(10, int), eval_log_probs=None)
+  scored_rows = lambda **kwargs: np.round(evaluate.held_out_elbo(
+      _row_sum_nats, None, data, num_samples=2, batch_size=3, seed=0, **kwargs).bits_per_sequence * np.log(2))
+  np.testing.assert_array_equal(scored_rows(max_rows=4), [0, 3, 6, 9])  # 'spread' is the default
+  np.testing.assert_array_equal(scored_rows(max_rows=4, rows="first"), [0, 1, 2, 3])
+  np.testing.assert_array_equal(scored_rows(max_rows=9), [0, 1, 2, 3, 4, 6, 7, 8, 9])
+  for rows in evaluate.ROW_SELECTIONS:
+    np.testing.assert_array_equal(scored_rows(max_rows=12, rows=rows), np.arange(10))
+  with pytest.raises(ValueError, match="config.eval.rows='last'"):
+    scored_rows(max_rows=4, rows="last")
+
+
+def test_stderr_over_sequences_is_the_ratio_estimators_on_hand_numbers():
+  """Bits 3, 5, 10 over 1, 2, 3 tokens: R = 18 / 6 = 3, residuals y - R x = 0, -1, 1, so the
+  s.e. is sqrt(3 / 2 * 2) / 6; over 2, 4, 6 characters half that."""
+  result = evaluate.ElboResult(bits_per_token=3.0, stderr=0.0, num_sequences=3, num_samples=1,
+                               bits_per_sequence=np.array([3.0, 5.0, 10.0]), tokens_per_sequence=np.array([1, 2, 3]),
+                               chars_per_sequence=np.array([2, 4, 6]), exact=True)
+  np.testing.assert_allclose(result.stderr_over_sequences, np.sqrt(3.0) / 6)
+  np.testing.assert_allclose(result.bits_per_char_stderr_over_sequences, np.sqrt(3.0) / 12)
+  summary = result.summary()
+  assert summary["bits_per_token_stderr_over_sequences"] == result.stderr_over_sequences > 0 == summary["bits_per_token_stderr"]
+  assert summary["bits_per_char_stderr_over_sequences"] == result.bits_per_char_stderr_over_sequences
+  assert f"± {np.sqrt(3.0) / 6:.4f} bits/token over sequences" in result.describe()
+  # Sequences of equal length: the standard error of the mean of their bits per token.
+  bits_N = np.array([4.0, 7.0, 1.0, 9.0])
+  np.testing.assert_allclose(evaluate.ratio_stderr(bits_N, np.full(4, 5)), (bits_N / 5).std(ddof=1) / 2)
+  assert np.isnan(evaluate.ratio_stderr(bits_N[:1], np.array([5])))
+
+
+def test_row_inputs_are_batched_beside_their_rows():
+  """Per-row arrays reach nelbo_fn in the batches of their rows, the last batch padded alike."""
+  rows_NL, weights_NL = np.array([[1, 2], [3, 4], [5, 6]]), np.array([[1, 0], [0, 1], [1, 1]])
+  weighted_nats = lambda params, rows_BL, key, weights_BL: np.asarray(rows_BL * weights_BL, np.float32).sum(-1)
+  result = evaluate.elbo(weighted_nats, None, rows_NL, np.array([1, 1, 2]), num_samples=1, batch_size=2, seed=0,
+                         exact=True, row_inputs=(weights_NL,))
+  np.testing.assert_allclose(result.bits_per_sequence * np.log(2), [1, 4, 11], rtol=1e-6)
+  with pytest.raises(ValueError, match="do not have the 3 rows"):
+    evaluate.elbo(weighted_nats, None, rows_NL, np.array([1, 1, 2]), num_samples=1, batch_size=2, seed=0,
+                  exact=True, row_inputs=(weights_NL[:2],))
 
 
 def test_bleu_is_100_for_identical_texts_and_0_for_disjoint_ones():

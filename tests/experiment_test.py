@@ -30,6 +30,7 @@ from ddlm_jax.networks import transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from experiments import char_stream  # pylint: disable=g-import-not-at-top
 from experiments import compare  # pylint: disable=g-import-not-at-top
 from experiments import diffusion_lm  # pylint: disable=g-import-not-at-top
 from experiments import mdlm_tiny  # pylint: disable=g-import-not-at-top
@@ -39,6 +40,8 @@ from experiments import seq2seq  # pylint: disable=g-import-not-at-top
 VARIANTS = {
     "ar_tiny": [None],
     "bd3lm_tiny": [None, "char"],
+    "bpe_stream": [",".join(v) for v in itertools.product(compare.FAMILIES, char_stream.SIZES)],
+    "char_stream": [",".join(v) for v in itertools.product(compare.FAMILIES, char_stream.SIZES)],
     "compare": [",".join(v) for v in itertools.product(compare.FAMILIES, compare.DATASETS, compare.SIZES)],
     "d3pm_absorbing_tiny": [None],
     "d3pm_uniform_tiny": [None],
@@ -217,7 +220,7 @@ def saved_run(tmp_path_factory):
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
   _, state, _ = train.init_state(experiment, config, mesh, experiment_lib.make_optimizer(config.train))
   state = state.replace(ema_params=jax.tree.map(lambda p: p + 1.0, state.params))
-  checkpoint.save(checkpoint.make_manager(workdir), 3, state, {}, config_lib.run_identity(config), config.to_dict())
+  checkpoint.save(checkpoint.make_manager(workdir), 3, state, {}, config_lib.run_identity(config), config.to_dict(), {})
   return workdir, jax.device_get(state)
 
 

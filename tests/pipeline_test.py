@@ -13,6 +13,7 @@ from flax import nnx
 import ddlm_jax
 from ddlm_jax import config as config_lib
 from ddlm_jax import control
+from ddlm_jax import evaluate
 from ddlm_jax import experiment
 from ddlm_jax import guidance
 from ddlm_jax import pipeline
@@ -193,6 +194,17 @@ def test_exact_time_sum_scores_the_targets_of_a_pair_task_only(pair_task):
   assert (whole_row > 1.3 * with_source_as_prompt).all()  # the source costs many bits when it is scored
   np.testing.assert_allclose(result.bits_per_sequence, with_source_as_prompt, rtol=0.1)
   assert result.num_tokens == data.eval_num_tokens.sum() and result.exact_time_sum
+
+
+def test_evaluate_scores_the_rows_that_config_eval_rows_picks(pair_task, monkeypatch):
+  model, workdir, _ = pair_task
+  picked = []
+  monkeypatch.setattr(evaluate, "held_out_elbo", lambda *args, rows, **kwargs: picked.append(rows))
+  model.evaluate(workdir)
+  model.evaluate(workdir, rows="first")
+  monkeypatch.setattr(model.config.eval, "rows", "first")
+  model.evaluate(workdir)
+  assert picked == ["spread", "first", "first"]
 
 
 def test_translate_takes_one_source_string_and_refuses_an_empty_list(pair_task):

@@ -2,6 +2,7 @@
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
 from ddlm_jax.data import corpus
@@ -185,3 +186,36 @@ def test_split_long_texts_cuts_after_newlines_and_between_characters():
   pieces = list(tokenizers.split_long_texts(texts, max_bytes=8))
   assert pieces == ["ab\nab\n", "ab\nab\n", "ab\nab\n", "ab\nab\n", "ab\nab\n",
                     "éééé", "ééé", "short"]
+
+
+@pytest.mark.parametrize("kind", tokenizers.KINDS)
+def test_char_counts_count_the_characters_of_any_run_of_ids(kind, embedded_tokenizers, embedded_texts):
+  tokenizer = embedded_tokenizers[kind]
+  unseen = "\u03a9 caf\u00e9 \u2615 \U0001f600" if kind == "sentencepiece" else ""  # Byte fallback.
+  text = "  ".join(embedded_texts[:3]) + unseen
+  counts_V = tokenizer.char_counts()
+  assert counts_V.shape == (tokenizer.vocab_size,) and not counts_V[:len(tokenizers.SPECIAL_TOKENS)].any()
+  ids = tokenizer.encode(text)
+  assert counts_V[ids].sum() == len(text)
+  # A cut anywhere splits the count between the parts, a cut character counted where it starts.
+  for cut in range(len(ids) + 1):
+    assert counts_V[ids[:cut]].sum() + counts_V[ids[cut:]].sum() == len(text)
+  if kind == "sentencepiece":
+    assert list(counts_V[tokenizer.encode("\u2615")]) == [1, 0, 0]
+
+
+@pytest.mark.parametrize("kind", tokenizers.KINDS)
+def test_encode_stream_encodes_a_long_text_in_pieces_cut_after_newlines(kind, embedded_tokenizers, embedded_texts,
+                                                                        monkeypatch):
+  monkeypatch.setattr(tokenizers, "STREAM_PIECE_BYTES", 200)
+  tokenizer = {"char": tokenizers.CharTokenizer.train([*embedded_texts, "\n"]),
+               "sentencepiece": embedded_tokenizers["sentencepiece"]}[kind]
+  text = "\n".join(text for text in embedded_texts[:60] if len(text) < 150)  # Every line fits a piece.
+  calls = []
+  encode = tokenizer.encode
+  monkeypatch.setattr(tokenizer, "encode", lambda piece: calls.append(piece) or encode(piece))
+  stream_T = tokenizers.encode_stream(tokenizer, text)
+  assert stream_T.dtype == np.int32 and tokenizer.decode(stream_T) == text
+  assert len(calls) > 10 and all(len(piece.encode()) <= 200 for piece in calls)
+  assert all(piece.endswith("\n") for piece in calls[:-1]) and "".join(calls) == text
+  assert tokenizers.encode_stream(tokenizer, "").shape == (0,)

@@ -480,12 +480,12 @@ def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(tmp_path, monke
 
 def test_checkpoint_save_refuses_a_non_finite_state(tmp_path):
   manager = checkpoint.make_manager(str(tmp_path))
-  checkpoint.save(manager, 1, {"w": jnp.ones(3)}, {}, {}, {})
+  checkpoint.save(manager, 1, {"w": jnp.ones(3)}, {}, {}, {}, {})
   with pytest.raises(FloatingPointError, match=r"step 2 holds NaN or Inf.*step 1"):
-    checkpoint.save(manager, 2, {"w": jnp.array([1.0, jnp.inf, 0.0])}, {}, {}, {})
+    checkpoint.save(manager, 2, {"w": jnp.array([1.0, jnp.inf, 0.0])}, {}, {}, {}, {})
   with pytest.raises(FloatingPointError, match="step 3 holds NaN"):  # in any part of the state, e.g. the EMA
     checkpoint.save(manager, 3, {"w": jnp.ones(3), "ema": {"w": jnp.array([jnp.nan])}, "step": jnp.array(3)},
-                    {}, {}, {})
+                    {}, {}, {}, {})
   assert manager.all_steps() == [1]
 
 
@@ -609,3 +609,46 @@ def test_resuming_with_more_steps_says_so(tmp_path, trained_workdir, capsys):
   summary = train.train_and_evaluate(tiny_config(num_steps=22), extended)
   assert summary["step"] == 22
   assert "config.train.num_steps is 22, the checkpoint's run had 20: from step 20 on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("schedule,middle", [("cosine", 0.55), ("linear", 0.55), ("constant", 1.0)])
+def test_learning_rate_schedules_after_warm_up(schedule, middle):
+  config = tiny_config(schedule=schedule, learning_rate=1.0, warmup_steps=100, num_steps=1_000,
+                       min_learning_rate_ratio=0.1)
+  learning_rate = experiment_lib.learning_rate_schedule(config.train)
+  assert float(learning_rate(0)) == 0.0 and float(learning_rate(50)) == pytest.approx(0.5)
+  assert float(learning_rate(100)) == pytest.approx(1.0)
+  assert float(learning_rate(550)) == pytest.approx(middle, abs=1e-3)
+  assert float(learning_rate(1_000)) == pytest.approx(1.0 if schedule == "constant" else 0.1)
+  if schedule == "linear":  # halfway through the decay of a line, not of a cosine
+    assert float(learning_rate(325)) == pytest.approx(1.0 - 0.9 * 0.25, abs=1e-3)
+
+
+def test_adam_eps_reaches_the_optimizer():
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.full(3, 1e-3)}
+
+  def first_update(eps):
+    optimizer = experiment_lib.make_optimizer(tiny_config(eps=eps, warmup_steps=0, weight_decay=0.0).train)
+    return float(optimizer.update(grads, optimizer.init(params), params)[0]["w"][0])
+
+  assert first_update(1e-8) == pytest.approx(-3e-3, rel=1e-3)  # Adam's first step: -lr * sign(g)
+  assert first_update(1e-3) == pytest.approx(-1.5e-3, rel=1e-3)  # -lr * g / (|g| + eps)
+
+
+def test_training_clock_counts_steps_and_seconds_between_pauses(monkeypatch):
+  now = {"t": 0.0}
+  monkeypatch.setattr(train.time, "perf_counter", lambda: now["t"])
+  clock = train.TrainingClock()
+  clock.start(0)
+  now["t"] = 1.0
+  assert clock.lap(10) == 10.0
+  now["t"] = 2.0
+  clock.stop(20)            # an evaluation from t=2 to t=7 is not training
+  now["t"] = 7.0
+  clock.start(20)
+  clock.start(21)           # a running clock ignores start
+  now["t"] = 9.0
+  assert clock.lap(40) == pytest.approx(30 / 3)  # the lap spans the pause
+  assert clock.total_rate() == pytest.approx(40 / 4)
+  assert clock.total_steps == 40 and clock.total_seconds == pytest.approx(4.0)

@@ -154,6 +154,32 @@ def test_causal_logits_never_see_later_tokens():
     assert jnp.abs(changed_logits_BLV[:, j] - logits_BLV[:, j]).max() > 1e-4
 
 
+@pytest.mark.parametrize("attention", ["xla", "chunked"])
+@pytest.mark.parametrize("kind", ["bidirectional", "causal", "block", "block_with_clean_copy"])
+def test_hidden_keys_change_nothing_at_the_visible_positions(kind, attention):
+  """Row b sees its first n_b positions: their logits are those of the row cut to n_b tokens, and
+  the hidden positions' tokens (of both copies of a block pass) can be anything."""
+  settings = dict(causal=kind == "causal", block_size=3 if kind.startswith("block") else 0)
+  graphdef, params = nnx.split(_randomize(_model(attention=attention, attention_chunk_size=4, **settings)))
+  apply = jax.jit(lambda params, tokens_BL, clean_BL, visible_BL: nnx.merge(graphdef, params)(
+      tokens_BL, clean_tokens_BL=clean_BL if kind == "block_with_clean_copy" else None, visible_BL=visible_BL))
+  forward = lambda tokens_BL, clean_BL, visible_BL=None: apply(params, tokens_BL, clean_BL, visible_BL)
+  tokens_BL, clean_BL, other_BL = (_tokens(length=10, seed=seed) for seed in range(3))
+  lengths_B = np.array([5, 7])
+  visible_BL = jnp.arange(10) < lengths_B[:, None]
+  logits_BLV = forward(tokens_BL, clean_BL, visible_BL)
+  hidden_changed_BLV = forward(jnp.where(visible_BL, tokens_BL, other_BL), jnp.where(visible_BL, clean_BL, other_BL),
+                               visible_BL)
+  for row, length in enumerate(lengths_B):
+    cut_LV = forward(tokens_BL[row:row + 1, :length], clean_BL[row:row + 1, :length])[0]
+    np.testing.assert_allclose(logits_BLV[row, :length], cut_LV, atol=1e-5)
+    np.testing.assert_allclose(hidden_changed_BLV[row, :length], cut_LV, atol=1e-5)
+  if kind != "causal":  # without the mask, later tokens reach the visible positions
+    assert jnp.abs(forward(tokens_BL, clean_BL)[0, :5] - logits_BLV[0, :5]).max() > 1e-3
+  with pytest.raises(ValueError, match="visible_BL has shape"):
+    forward(tokens_BL, clean_BL, visible_BL[:, :9])
+
+
 def test_time_conditioning_changes_output_iff_enabled():
   tokens_BL = _tokens()
   t_lo, t_hi = jnp.array([0.1, 0.2]), jnp.array([0.8, 0.9])

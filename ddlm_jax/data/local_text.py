@@ -1,17 +1,25 @@
 """Local text files as a TFDS dataset, and catalog TFDS datasets, read without TensorFlow.
 
-`LocalText` turns text files into documents with one feature, 'text', in two splits: 'train' and
-'validation' (the last `validation_fraction` of the documents, taken in file order, so neighbouring
-lines never straddle the split). It is written as array_record and read back through a TFDS data
-source, the one combination that TFDS supports without TensorFlow.
+`LocalText` turns text files into examples with one feature, 'text', in two splits: 'train' and
+'validation'. It is written as array_record and read back through a TFDS data source, the one
+combination that TFDS supports without TensorFlow.
 
-A document is one unit of a file:
-  'paragraph': a run of non-blank lines, joined by newlines. In tiny-shakespeare this is one
-      speech, the speaker's name and their lines (7,222 documents, median 83 characters), which
-      keeps a line of verse with its speaker; the default.
-  'line': one non-blank line.
+The unit says what an example is and where the split falls:
+  'paragraph': a document is a run of non-blank lines, joined by newlines. In tiny-shakespeare this
+      is one speech, the speaker's name and their lines (7,222 documents, median 83 characters),
+      which keeps a line of verse with its speaker; the default.
+  'line': a document is one non-blank line.
+  'stream': no documents: the files' text as one stream of characters (text8/enwik8-style). Each
+      file is kept exactly as read (CRLF and blank lines too); files are joined by a newline where
+      one does not end with one. 'validation' is the last `validation_fraction` of the characters,
+      cut at character round(n * (1 - validation_fraction)). Each split is stored in order as
+      chunks of at most STREAM_CHUNK_CHARS characters (so a 100 MB file makes bounded examples);
+      join a split's chunks to get its text.
+For the document units, 'validation' is the last `validation_fraction` of the documents, taken in
+file order, so neighbouring lines never straddle the split.
 
   texts = load_local_texts(["notes.txt"], data_dir=f"{workdir}/tfds", split="train")
+  text = "".join(load_local_texts(["notes.txt"], data_dir, "validation", unit="stream"))
 """
 import dataclasses
 import hashlib
@@ -20,13 +28,16 @@ from collections.abc import Sequence
 from etils import epath
 import tensorflow_datasets as tfds
 
-UNITS = ("paragraph", "line")
+UNITS = ("paragraph", "line", "stream")
+DOCUMENT_UNITS = ("paragraph", "line")
+# Characters per stored example of a 'stream' split.
+STREAM_CHUNK_CHARS = 2**20
 
 
 def split_documents(text: str, unit: str) -> list[str]:
   """The non-blank documents of `text` ('paragraph' or 'line'); CRLF counts as a newline."""
-  if unit not in UNITS:
-    raise ValueError(f"unknown document unit {unit!r}; expected one of {UNITS}")
+  if unit not in DOCUMENT_UNITS:
+    raise ValueError(f"unknown document unit {unit!r}; expected one of {DOCUMENT_UNITS}")
   lines = text.replace("\r\n", "\n").split("\n")
   if unit == "line":
     return [line for line in lines if line.strip()]
@@ -70,6 +81,31 @@ def read_documents(paths: Sequence[str], unit: str) -> list[str]:
   return documents
 
 
+def read_stream(paths: Sequence[str]) -> str:
+  """The files' text as one stream: each file exactly as read, joined by a newline where a file
+  does not end with one; a ValueError naming any file that is empty."""
+  if not paths:
+    raise ValueError("no text files given")
+  texts = []
+  for path in paths:
+    text = read_text_file(path)
+    if not text:
+      raise ValueError(f"text file {path} is empty")
+    texts.append(text)
+  return "".join(text if text.endswith("\n") else text + "\n" for text in texts[:-1]) + texts[-1]
+
+
+def split_stream(text: str, validation_fraction: float) -> tuple[str, str]:
+  """(train, validation): `text` cut at character round(len * (1 - validation_fraction)), moved
+  where needed to leave both parts non-empty."""
+  if not 0 < validation_fraction < 1:
+    raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+  if len(text) < 2:
+    raise ValueError(f"a train/validation split of a stream needs at least 2 characters, got {len(text)}")
+  cut = min(max(round(len(text) * (1 - validation_fraction)), 1), len(text) - 1)
+  return text[:cut], text[cut:]
+
+
 def num_validation_documents(num_documents: int, validation_fraction: float) -> int:
   """Size of the validation split: the fraction rounded, leaving both splits non-empty."""
   if not 0 < validation_fraction < 1:
@@ -81,7 +117,7 @@ def num_validation_documents(num_documents: int, validation_fraction: float) -> 
 
 @dataclasses.dataclass(eq=False)
 class LocalTextConfig(tfds.core.BuilderConfig):
-  """Which files, how to cut them into documents, and how much to hold out.
+  """Which files, how to cut them into examples (`UNITS`), and how much to hold out.
 
   Build it with `make_config`, which checks the files and names the config after their content,
   so a changed file gets a new dataset instead of a stale one.
@@ -94,22 +130,31 @@ class LocalTextConfig(tfds.core.BuilderConfig):
 def make_config(paths: Sequence[str], *, unit: str = "paragraph",
                 validation_fraction: float = 0.05) -> LocalTextConfig:
   """A checked config; raises ValueError, before anything is written, on bad files or settings."""
-  documents = read_documents(paths, unit)
-  num_validation_documents(len(documents), validation_fraction)
+  if unit not in UNITS:
+    raise ValueError(f"unknown unit {unit!r}; expected one of {UNITS}")
   digest = hashlib.sha256(repr((unit, validation_fraction)).encode())
-  for document in documents:
-    digest.update(document.encode())
-    digest.update(b"\0")  # Documents hold no NUL, so this separates them unambiguously.
+  if unit == "stream":
+    text = read_stream(paths)
+    split_stream(text, validation_fraction)
+    digest.update(text.encode())
+    description = f"{len(text)} characters as one stream"
+  else:
+    documents = read_documents(paths, unit)
+    num_validation_documents(len(documents), validation_fraction)
+    for document in documents:
+      digest.update(document.encode())
+      digest.update(b"\0")  # Documents hold no NUL, so this separates them unambiguously.
+    description = f"{len(documents)} documents ({unit}s)"
   return LocalTextConfig(
       name=f"{unit}_{digest.hexdigest()[:16]}",
-      description=f"{len(documents)} documents ({unit}s) from {len(paths)} file(s)",
+      description=f"{description} from {len(paths)} file(s)",
       paths=tuple(str(path) for path in paths),
       unit=unit,
       validation_fraction=validation_fraction)
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):
-  """Documents from local text files, in 'train' and 'validation' splits."""
+  """Documents (or chunks of one stream) from local text files, in 'train' and 'validation'."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First version."}
@@ -117,13 +162,16 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description="Documents cut from local text files.",
+        description="Documents, or chunks of one stream of characters, from local text files.",
         features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
         disable_shuffling=True)  # Keep file order, so the validation tail stays a tail.
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     config = self.builder_config
+    if config.unit == "stream":
+      train, validation = split_stream(read_stream(config.paths), config.validation_fraction)
+      return {"train": self._generate_chunks(train), "validation": self._generate_chunks(validation)}
     documents = read_documents(config.paths, config.unit)
     num_train = len(documents) - num_validation_documents(len(documents),
                                                           config.validation_fraction)
@@ -134,19 +182,25 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
     for index in range(start, stop):
       yield index, {"text": documents[index]}
 
+  def _generate_chunks(self, text: str):
+    for index, start in enumerate(range(0, len(text), STREAM_CHUNK_CHARS)):
+      yield index, {"text": text[start:start + STREAM_CHUNK_CHARS]}
+
 
 def load_local_texts(paths: Sequence[str], data_dir: str, split: str, *,
                      unit: str = "paragraph", validation_fraction: float = 0.05,
                      max_texts: int | None = None) -> list[str]:
-  """Documents of `split` ('train' or 'validation'), building the dataset in `data_dir` once.
+  """Examples of `split` ('train' or 'validation'), building the dataset in `data_dir` once: the
+  documents, or for unit='stream' the split's chunks in order (join them for its text).
 
   Args:
     paths: UTF-8 text files, read in this order.
     data_dir: TFDS data directory; the dataset is cached there, keyed by the files' content.
     split: 'train' or 'validation'.
-    unit: 'paragraph' or 'line' (see the module docstring).
-    validation_fraction: share of the documents, from the end, held out for 'validation'.
-    max_texts: read at most this many documents from the start of the split.
+    unit: 'paragraph', 'line' or 'stream' (see the module docstring).
+    validation_fraction: share of the documents (of the characters for 'stream'), from the end,
+      held out for 'validation'.
+    max_texts: read at most this many examples from the start of the split.
 
   Raises:
     ValueError: naming the file, when one is missing, empty or binary; nothing is written then.

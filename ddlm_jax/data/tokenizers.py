@@ -8,8 +8,9 @@ them whatever the vocabulary:
 `encode` never adds special tokens; `decode` reads a model's row: it stops at the first [EOS],
 skips [PAD] and [BOS], drops [MASK] or shows it, and shows every control character but newline
 and tab (a byte-fallback token may hold one) as U+FFFD, so that no sample can drive a terminal.
-A tokenizer is trained on the training split
-only and saved next to the run, so a resumed run or a loaded model uses the same vocabulary:
+A tokenizer is trained on the texts it is given (`datasets` chooses them: every split for 'char',
+the training split for 'sentencepiece') and saved next to the run, so a resumed run or a loaded
+model uses the same vocabulary:
 
   tokenizer = build_tokenizer("sentencepiece", train_texts, f"{workdir}/tokenizer", 1024)
   ids = tokenizer.encode("The Golden Lantern is a pub.")
@@ -23,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import ClassVar
 
 from absl import logging
+import numpy as np
 import sentencepiece as spm
 
 SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[BOS]", "[EOS]")
@@ -36,6 +38,8 @@ _CONTROL_CHARACTERS = {code: REPLACEMENT_CHARACTER for code in (*range(0x20), *r
                        if chr(code) not in "\n\t"}
 # sentencepiece's trainer skips, with only a log line, any sentence longer than this many bytes.
 SENTENCEPIECE_MAX_SENTENCE_BYTES = 4192
+# `encode_stream` encodes a long text in pieces of at most this many UTF-8 bytes.
+STREAM_PIECE_BYTES = 2**16
 
 
 class Tokenizer(abc.ABC):
@@ -57,6 +61,13 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, without special tokens."""
+
+  @abc.abstractmethod
+  def char_counts(self) -> np.ndarray:
+    """int32[V]: characters of text that each id starts. A character id starts one; a
+    sentencepiece piece starts its characters; a byte-fallback id starts one if it holds the first
+    byte of a UTF-8 character, else none; special ids start none. So `char_counts()[ids].sum()`
+    is the characters a row of text ids holds, however its ends cut the text."""
 
   @abc.abstractmethod
   def _decode_text_ids(self, ids: list[int]) -> str:
@@ -100,7 +111,7 @@ class Tokenizer(abc.ABC):
 
 
 class CharTokenizer(Tokenizer):
-  """One id per character of an alphabet taken from the training text (text8-style)."""
+  """One id per character of an alphabet taken from the texts it is trained on (text8-style)."""
 
   kind = "char"
   mask_text = "_"
@@ -132,7 +143,10 @@ class CharTokenizer(Tokenizer):
       char = error.args[0]
       raise ValueError(
           f"character {char!r} (U+{ord(char):04X}) is not in the tokenizer's alphabet, which was "
-          "built from the training text") from None
+          "built from the texts it was trained on") from None
+
+  def char_counts(self) -> np.ndarray:
+    return np.array([0] * len(SPECIAL_TOKENS) + [1] * len(self.alphabet), np.int32)
 
   def _decode_text_ids(self, ids: list[int]) -> str:
     return "".join(self.alphabet[token - len(SPECIAL_TOKENS)] for token in ids)
@@ -216,6 +230,18 @@ class SentencePieceTokenizer(Tokenizer):
   def encode(self, text: str) -> list[int]:
     return self._processor.encode(text)
 
+  def char_counts(self) -> np.ndarray:
+    processor = self._processor
+    counts = []
+    for token in range(self.vocab_size):
+      if processor.is_byte(token):
+        counts.append(int(processor.id_to_piece(token)[3:5], 16) & 0b1100_0000 != 0b1000_0000)
+      elif processor.is_control(token) or processor.is_unknown(token):
+        counts.append(0)
+      else:
+        counts.append(len(processor.id_to_piece(token)))  # A space is one '\u2581' in a piece.
+    return np.array(counts, np.int32)
+
   def _decode_text_ids(self, ids: list[int]) -> str:
     return self._processor.decode(ids)
 
@@ -243,17 +269,29 @@ def split_long_texts(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
       yield data[start:].decode()
 
 
+def encode_stream(tokenizer: Tokenizer, text: str) -> np.ndarray:
+  """int32[T]: the ids of a long text, without special tokens, encoded piece by piece.
+
+  The pieces are those of `split_long_texts` with STREAM_PIECE_BYTES (cut after a newline where
+  one is within reach), so a text of many megabytes never goes to sentencepiece in one call;
+  `tokenizer.decode` of the result gives the text back.
+  """
+  pieces = [np.asarray(tokenizer.encode(piece), np.int32)
+            for piece in split_long_texts([text], STREAM_PIECE_BYTES)]
+  return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+
+
 def build_tokenizer(kind: str, train_texts: Iterable[str], directory: str,
                     vocab_size: int | None = None) -> Tokenizer:
   """Loads the tokenizer saved in `directory`, or trains one on `train_texts` and saves it there.
 
   Args:
     kind: 'char' or 'sentencepiece'.
-    train_texts: the training split; only read when a tokenizer is trained.
+    train_texts: the texts to train on; only read when a tokenizer is trained.
     directory: where the tokenizer is cached.
     vocab_size: number of ids, special tokens included, asked of 'sentencepiece' (required;
       the result may be smaller, see `SentencePieceTokenizer`); ignored by 'char', whose
-      vocabulary is the training alphabet.
+      vocabulary is the alphabet of `train_texts`.
 
   Raises:
     ValueError: for an unknown kind, or when `directory` holds a tokenizer of another kind or

@@ -126,14 +126,16 @@ def attention(
   Args:
     q_BTHK, k_BSHK, v_BSHK: queries, keys, values.
     causal: query t sees keys s <= t only (needs T == S).
-    mask_BTS: optional bool[B or 1, T, S], True where a query may look (e.g. a
-      block-causal mask); combined with `causal`. Every query must see a key.
+    mask_BTS: optional bool[B or 1, T or 1, S], True where a query may look
+      (e.g. a block-causal mask; [B, 1, S]: the keys every query of a row
+      sees); combined with `causal`. Every query must see a key.
     implementation: one of ATTENTION_IMPLEMENTATIONS.
       'xla': `jax.nn.dot_product_attention`'s XLA path, the whole T x S score
         matrix, then the mask.
       'chunked': causal attention by query blocks of `chunk_size`, each against
-        the keys up to its own end only, so the masked upper triangle is never
-        computed (about half the score work at T = S); other masks as 'xla'.
+        the keys up to its own end only (and its slice of `mask_BTS`), so the
+        masked upper triangle is never computed (about half the score work at
+        T = S); without `causal` as 'xla'.
       'cudnn': cuDNN's fused flash attention (NVIDIA GPUs, float16/bfloat16).
     chunk_size: query block of 'chunked'.
   """
@@ -144,14 +146,16 @@ def attention(
   if causal and k_BSHK.shape[1] != length:
     raise ValueError(f"causal attention needs as many keys as queries, got "
                      f"{k_BSHK.shape[1]} keys for {length} queries")
-  if implementation == "chunked" and causal and mask_BTS is None:
-    blocks = [
-        _masked_attention(q_BTHK[:, start:start + chunk_size],
-                          k_BSHK[:, :start + chunk_size],
-                          v_BSHK[:, :start + chunk_size],
-                          block_causal_mask(start, min(chunk_size, length - start),
-                                            min(start + chunk_size, length), 1))
-        for start in range(0, length, chunk_size)]
+  if implementation == "chunked" and causal:
+    blocks = []
+    for start in range(0, length, chunk_size):
+      end = min(start + chunk_size, length)
+      chunk_mask_BTS = block_causal_mask(start, end - start, end, 1)
+      if mask_BTS is not None:
+        rows_BTS = mask_BTS if mask_BTS.shape[1] == 1 else mask_BTS[:, start:end]
+        chunk_mask_BTS = chunk_mask_BTS & rows_BTS[:, :, :end]
+      blocks.append(_masked_attention(q_BTHK[:, start:end], k_BSHK[:, :end],
+                                      v_BSHK[:, :end], chunk_mask_BTS))
     return jnp.concatenate(blocks, axis=1)
   if causal:
     causal_1TS = block_causal_mask(0, length, length, 1)
@@ -166,7 +170,10 @@ def attention(
 
 def _masked_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, implementation="xla"):
   """`jax.nn.dot_product_attention` (logits and softmax in float32) with an
-  optional bool[B or 1, T, S] mask."""
+  optional bool[B or 1, T or 1, S] mask (spread over the T queries, as cuDNN
+  reads it)."""
+  if mask_BTS is not None:
+    mask_BTS = jnp.broadcast_to(mask_BTS, (mask_BTS.shape[0], q_BTHK.shape[1], k_BSHK.shape[1]))
   return jax.nn.dot_product_attention(
       q_BTHK, k_BSHK, v_BSHK,
       mask=None if mask_BTS is None else mask_BTS[:, None],
@@ -180,6 +187,17 @@ def block_causal_mask(start: jax.Array | int, num_queries: int, num_keys: int,
   causal)."""
   query_blocks_T1 = (start + jnp.arange(num_queries)[:, None]) // block_size
   return (jnp.arange(num_keys)[None, :] // block_size <= query_blocks_T1)[None]
+
+
+def annealed_causal_mask(key: jax.Array, length: int,
+                         ratio: jax.Array | float) -> jax.Array:
+  """bool[1, L, L]: a causal mask with each later key also visible with
+  probability `ratio` (independent draws from `key`): exactly causal at ratio
+  0, exactly bidirectional at 1. Annealing `ratio` from 0 to 1 while training
+  turns an autoregressive network's attention bidirectional (Gong et al. 2024,
+  DiffuLLaMA's attention-mask annealing)."""
+  later_visible_LL = jax.random.uniform(key, (length, length)) < ratio
+  return (block_causal_mask(0, length, length, 1)[0] | later_visible_LL)[None]
 
 
 def block_diffusion_mask(length: int, block_size: int) -> jax.Array:
@@ -341,8 +359,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
                mask_BLL: jax.Array | None = None) -> jax.Array:
-    """Outputs float[B, L, D]; mask_BLL (bool[B or 1, L, L]) replaces the
-    block-causal mask of a block model (e.g. `block_diffusion_mask`)."""
+    """Outputs float[B, L, D]; mask_BLL (bool[B or 1, L or 1, L]) replaces
+    the block-causal mask of a block model (e.g. `block_diffusion_mask`, or
+    it restricted to a row's visible keys) and is combined with `causal`."""
     q_BLHK, k_BLHK, v_BLHK = self._project(x_BLD, positions_BL)
     if mask_BLL is None and self.block_size:
       length = x_BLD.shape[1]

@@ -69,6 +69,10 @@ class TransformerConfig:
     attention_chunk_size: query block of 'chunked' attention.
     decode_chunk_size: cache slots read per loop step when decoding
       (`layers.cached_attention`).
+    shift_start_id: None, or the id of a start token: the network then keeps
+      an autoregressive network's next-token convention (`next_token_shift`),
+      so that an AR model's parameters adapt to diffusion; a bidirectional
+      token model without block_size only, and without KV-cache decoding.
   """
   vocab_size: int
   max_len: int
@@ -86,6 +90,7 @@ class TransformerConfig:
   attention: str = "chunked"
   attention_chunk_size: int = 64
   decode_chunk_size: int = 32
+  shift_start_id: int | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "max_len", "num_layers", "num_heads",
@@ -123,6 +128,15 @@ class TransformerConfig:
     if self.latent_dim and self.causal:
       raise ValueError("latent_dim > 0 (embedding-space inputs) needs a "
                        "bidirectional model, not causal=True")
+    if self.shift_start_id is not None and (
+        self.causal or self.block_size or self.latent_dim):
+      raise ValueError("shift_start_id (shifted outputs) needs a bidirectional "
+                       "token model without blocks, not causal=True, "
+                       "block_size > 0 or latent_dim > 0")
+    if self.shift_start_id is not None and not (
+        0 <= self.shift_start_id < self.vocab_size):
+      raise ValueError(f"shift_start_id {self.shift_start_id} is outside the "
+                       f"vocabulary of size {self.vocab_size}")
 
   @property
   def output_dim(self) -> int:
@@ -155,7 +169,7 @@ class Block(nnx.Module):
 
   def __call__(self, x_BLD, positions_BL, c_BC, dropout_key, mask_BLL=None):
     """x float[B, L, D], positions int[B, L], c float32[B, C] or None,
-    dropout_key or None, mask bool[1, L, L] or None (`Attention`) ->
+    dropout_key or None, mask bool[B or 1, L or 1, L] or None (`Attention`) ->
     float[B, L, D]."""
     attn_key, mlp_key = (None, None) if dropout_key is None else (
         jax.random.split(dropout_key))
@@ -227,6 +241,8 @@ class Transformer(nnx.Module):
       *,
       dropout_key: jax.Array | None = None,
       clean_tokens_BL: jax.Array | None = None,
+      visible_BL: jax.Array | None = None,
+      anneal: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
     """Logits (or predicted clean points) at every position.
 
@@ -241,16 +257,41 @@ class Transformer(nnx.Module):
         `layers.block_diffusion_mask`, so that the logits of a block see the
         noised block and the clean blocks before it; None: tokens_BL alone,
         block-causal.
+      visible_BL: bool[B, L], the positions each row's queries may attend to:
+        keys where False are hidden from every query (of both copies with
+        `clean_tokens_BL`), under every attention implementation, so a
+        visible position's output does not depend on the hidden ones (e.g.
+        the positions after a text shorter than the canvas). Each row's first
+        position must be visible, so that every query sees a key. None: all.
+      anneal: (ratio, key) of a bidirectional model's attention annealed from
+        causal (AR -> diffusion adaptation): each query sees the keys up to
+        its own and each later key with probability `ratio`, one draw per
+        query-key pair shared by the batch (`layers.annealed_causal_mask`).
+        None: the model's own attention.
 
     Returns:
       float32[B, L, V] logits; float32[B, L, E] with latent_dim E > 0.
     """
+    if self.config.shift_start_id is not None:
+      return next_token_shift(self._forward, self.config.shift_start_id)(
+          tokens_BL, t_B, dropout_key=dropout_key, visible_BL=visible_BL,
+          anneal=anneal)
+    return self._forward(tokens_BL, t_B, dropout_key=dropout_key,
+                         clean_tokens_BL=clean_tokens_BL,
+                         visible_BL=visible_BL, anneal=anneal)
+
+  def _forward(self, tokens_BL, t_B=None, *, dropout_key=None,
+               clean_tokens_BL=None, visible_BL=None, anneal=None):
+    """`__call__` without the shift of `shift_start_id`."""
     config = self.config
     batch, length = tokens_BL.shape[:2]
     if length > config.max_len:
       raise ValueError(
           f"sequence length {length} exceeds max_len {config.max_len}")
     positions_L, mask_BLL = jnp.arange(length), None
+    if visible_BL is not None and visible_BL.shape != (batch, length):
+      raise ValueError(f"visible_BL has shape {visible_BL.shape}, the tokens "
+                       f"{(batch, length)}")
     x_BLD = self._embed(tokens_BL)
     if clean_tokens_BL is not None:
       if not config.block_size:
@@ -262,6 +303,15 @@ class Transformer(nnx.Module):
       x_BLD = jnp.concatenate([x_BLD, self._embed(clean_tokens_BL)], axis=1)
       positions_L = jnp.concatenate([positions_L, positions_L])
       mask_BLL = layers.block_diffusion_mask(length, config.block_size)
+      if visible_BL is not None:
+        visible_BL = jnp.concatenate([visible_BL, visible_BL], axis=1)
+    if anneal is not None:
+      if config.causal or config.block_size:
+        raise ValueError("anneal (a causal mask annealed to bidirectional) "
+                         "needs a bidirectional model without blocks")
+      mask_BLL = layers.annealed_causal_mask(anneal[1], length, anneal[0])
+    if visible_BL is not None:
+      mask_BLL = self._visible_keys_mask(visible_BL, mask_BLL)
     positions_BL = jnp.broadcast_to(positions_L, (batch, len(positions_L)))
     c_BC = self._conditioning(t_B, batch)
     block_fn = nnx.remat(Block.__call__) if config.remat else Block.__call__
@@ -330,10 +380,22 @@ class Transformer(nnx.Module):
       new_cache.append(layer_cache)
     return self._logits(x_BTD, c_BC), tuple(new_cache)
 
+  def _visible_keys_mask(self, visible_BS, mask_BLS):
+    """bool[B, L or 1, S]: `mask_BLS` (a block model's block-causal mask if
+    None) restricted to the keys visible in each row."""
+    keys_B1S = visible_BS.astype(bool)[:, None, :]
+    if mask_BLS is None and self.config.block_size:
+      length = visible_BS.shape[1]
+      mask_BLS = layers.block_causal_mask(0, length, length, self.config.block_size)
+    return keys_B1S if mask_BLS is None else mask_BLS & keys_B1S
+
   def _check_tokens(self) -> TransformerConfig:
     if self.config.latent_dim:
       raise ValueError("KV-cache decoding needs a token model, not one over "
                        "embeddings (latent_dim > 0)")
+    if self.config.shift_start_id is not None:
+      raise ValueError("a network with shifted outputs (shift_start_id) has "
+                       "no KV-cache decoding; decode it without a cache")
     return self.config
 
   def _embed(self, tokens_BL):
@@ -360,6 +422,34 @@ class Transformer(nnx.Module):
 
 
 StepFn = Callable[..., tuple[jax.Array, tuple[layers.KVCache, ...]]]
+
+
+def next_token_shift(network_fn: Callable, start_id: int) -> Callable:
+  """The model function of a network that keeps an autoregressive network's
+  next-token convention (DiffuLLaMA's shifted logits).
+
+  An AR network reads [BOS, x^0, ..., x^{L-2}] and its output at slot i
+  predicts x^i, the token after the slot's input. The shifted function reads
+  tokens_BL = x_t, runs `network_fn` on [start_id, x_t^0, ..., x_t^{L-1}]
+  (L + 1 slots, the same positions as the AR network's inputs) and returns
+  the outputs of slots 0..L-1: position i's output comes from the slot that
+  holds the token before it, as in pretraining, while (bidirectional)
+  attention still sees every token of x_t.
+
+  network_fn(tokens, t_B, *, visible_BL=None, **inputs) -> outputs[B, S, ...];
+  the returned function takes the same arguments for L positions, a
+  visible_BL included (the start slot is always visible).
+  """
+  def shifted(tokens_BL, t_B=None, *, visible_BL=None, **inputs):
+    batch = tokens_BL.shape[0]
+    start_B1 = jnp.full((batch, 1), start_id, tokens_BL.dtype)
+    if visible_BL is not None:
+      visible_BL = jnp.concatenate(
+          [jnp.ones((batch, 1), bool), visible_BL.astype(bool)], axis=1)
+    outputs = network_fn(jnp.concatenate([start_B1, tokens_BL], axis=1), t_B,
+                         visible_BL=visible_BL, **inputs)
+    return outputs[:, :-1]
+  return shifted
 
 
 def make_decoder(graphdef: nnx.GraphDef, params: nnx.State, batch_size: int,
