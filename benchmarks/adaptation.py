@@ -11,7 +11,7 @@ masked step cost about the same here (README "Speed": 1.11), so equal steps are 
 wall time of each phase is reported too. Every model is scored on the same held-out rows (NELBO,
 Monte Carlo over t, with its standard error and the one over sequences) and its samples judged by
 an AR model trained for N steps (generative perplexity beside the unigram entropy, and on the
-embedded corpus the generator's parse rate). Workdirs: ROOT/DATASET/...; results:
+embedded corpus the generator's parse rate). Workdirs: ROOT/DATASET/total_N/...; results:
 benchmarks/results/adaptation_DATASET.json.
 """
 import os
@@ -66,7 +66,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if _DATASET.value == "shakespeare" and not _TEXT.value:
     raise app.UsageError("--dataset=shakespeare needs --text=PATH")
-  total, root = _TOTAL_STEPS.value, os.path.join(_ROOT.value, _DATASET.value)
+  total = _TOTAL_STEPS.value
+  # Workdirs named by every setting that shapes them, so a rerun with others trains afresh.
+  root = os.path.join(_ROOT.value, _DATASET.value, f"total_{total}")
   judge_summary, judge_seconds = trained(base_config("ar", total), os.path.join(root, f"ar_{total}"))
   judge = ddlm_jax.load(os.path.join(root, f"ar_{total}"))
   rows = [dict(model=f"AR, {total} steps (the judge)", ar_steps=total, diffusion_steps=0,
@@ -83,7 +85,8 @@ def main(argv):
       config.init_from = ar_workdir
       config.model.shift_logits = True
       config.train.attention_anneal_steps = _ANNEAL_STEPS.value
-    workdir = os.path.join(root, f"mdlm_after_ar_{ar_steps}")
+    workdir = os.path.join(root, f"mdlm_after_ar_{ar_steps}_anneal_{_ANNEAL_STEPS.value}" if ar_steps
+                           else "mdlm_from_scratch")
     summary, adapt_seconds = trained(config, workdir)
     row = dict(model=f"AR {ar_steps} + adaptation {total - ar_steps}" if ar_steps else f"MDLM from scratch, {total}",
                ar_steps=ar_steps, diffusion_steps=total - ar_steps,

@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_eval_docs=1_000,
       validation_fraction=0.05,  # local text files only
       seed=0,
-      task="lm",                 # 'lm' | 'data_to_text' | 'text_to_data' (embedded corpus pairs)
+      task="lm",                 # 'lm' | 'data_to_text' | 'text_to_data' | 'instructions' (embedded corpus pairs)
       record_attributes=(),      # pair tasks: the record's attributes; empty: all a document mentions
   ))
 
@@ -228,10 +228,10 @@ def _check_pair_task_settings(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.train.condition_dropout must lie in [0, 1), got {config.train.condition_dropout}")
   if config.train.condition_dropout and not pairs:
     raise ValueError("config.train.condition_dropout drops a pair's source: it needs a pair task "
-                     "(config.data.task 'data_to_text' or 'text_to_data')")
+                     "(config.data.task 'data_to_text', 'text_to_data' or 'instructions')")
   if config.sample.guidance_scale != 1.0 and not pairs:
     raise ValueError("config.sample.guidance_scale (classifier-free guidance) guides toward a pair's source: "
-                     "it needs a pair task (config.data.task 'data_to_text' or 'text_to_data')")
+                     "it needs a pair task (config.data.task 'data_to_text', 'text_to_data' or 'instructions')")
 
 
 @contextlib.contextmanager

@@ -89,7 +89,7 @@ def run(config, workdir: str, mode: str, prompts: list[str] | None) -> None:
   model = pipeline.load(workdir) if mode == "eval" or sampling else None
   if mode == "eval":
     result = model.evaluate(workdir, num_samples=config.eval.elbo_samples, exact_time_sum=config.eval.exact_time_sum,
-                            max_docs=config.eval.max_docs)
+                            max_docs=config.eval.max_docs, rows=config.eval.rows)
     summary = {"params": model.params_name, **result.summary()}
     print(f"{model.params_name} parameters, {result.describe()}")
   if sampling:

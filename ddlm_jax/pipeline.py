@@ -351,8 +351,10 @@ class Pipeline:
     depend on the canvas length or on what lies after it.
 
     What it measures: for a diffusion model, a bound on -log p(text [, EOS] | its length), the
-    length given as in fixed-window evaluation (by the canvas's end or the padding); for the
-    autoregressive baseline, the exact -log p(text [, EOS]).
+    length given as in fixed-window evaluation (by the canvas's end or the padding), estimated by
+    Monte Carlo with draws keyed by the seed and the text's batch (so a text's estimate, not its
+    expectation, changes with its batch); for the autoregressive baseline, the exact
+    -log p(text [, EOS]), the same in any batch.
 
     Args:
       texts: the texts, or one text (scored as a list of one). Every text needs a token: an

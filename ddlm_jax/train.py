@@ -269,8 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if latest is None and config.init_from:
     init_source = warm_start.read_source(config.init_from)
     warm_start.check_source(init_source, config)
-    warm_start.adopt_tokenizer(init_source, workdir)
-  data = datasets.load_data(config_lib.data_config(config), workdir)
+  data = datasets.load_data(config_lib.data_config(config), workdir,
+                            tokenizer=None if init_source is None else init_source.tokenizer)
   check_eval_rows(data, config)
   manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
   tokenizer = data.tokenizer
@@ -288,8 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     provenance = checkpoint.read_provenance(manager, latest)
     print(f"Resumed from step {latest} in {workdir}", flush=True)
   elif init_source is not None:
-    params = warm_start.restore_params(init_source, experiment.model, mesh)
-    graphdef, state, shardings = init_state(experiment, config, mesh, optimizer, params)
+    graphdef, state, shardings = init_state(experiment, config, mesh, optimizer,
+                                            warm_start.restore_params(init_source, experiment.model, mesh))
     provenance = init_source.record()
     print(f"Starting from the {provenance['params']} parameters of step {init_source.step} in {init_source.workdir} "
           f"(process {provenance['process']!r})", flush=True)

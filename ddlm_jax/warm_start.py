@@ -7,10 +7,11 @@
 A new run (one without a checkpoint of its own) reads the latest checkpoint of `init_from`: its
 parameters (the EMA when that run kept one, as `ddlm_jax.load` does) become the new run's initial
 parameters, and its tokenizer becomes the new run's, so that token ids keep their meaning. The new
-run's optimizer starts afresh. The checks, all before anything is written: `init_from` holds a
+run's optimizer starts afresh. The checks, before anything is written: `init_from` holds a
 checkpoint, the new config asks for the same tokenizer, and the new network has exactly the
 parameter shapes of the old one (so any process may follow any other whose network has the same
-parameters: autoregressive, masked, block, uniform, D3PM).
+parameters: autoregressive, masked, block, uniform, D3PM). `datasets.load_data(tokenizer=...)`
+then adopts the tokenizer, refusing a char alphabet that misses a character of the new texts.
 
 The new run records where it came from (`provenance`) in every checkpoint and in its summary; a
 resumed run continues from its own checkpoints and keeps that record.
@@ -103,23 +104,6 @@ def _parameter_shapes(model) -> dict[str, tuple[int, ...] | None]:
   """Each parameter's path and shape."""
   _, params = sharding.abstract_model(model)
   return {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree.leaves_with_path(params)}
-
-
-def adopt_tokenizer(source: InitSource, workdir: str) -> None:
-  """Saves the source's tokenizer as the run's, unless the run already holds that same tokenizer
-  (from an earlier start); a different one is refused."""
-  directory = os.path.join(workdir, "tokenizer")
-  if not os.path.isdir(directory):
-    source.tokenizer.save(directory)
-    return
-  held = tokenizers.load_tokenizer(directory)
-  if _tokenizer_state(held) != _tokenizer_state(source.tokenizer):
-    raise ValueError(f"{directory} holds another tokenizer than the run in config.init_from={source.workdir!r}; "
-                     "use a new --workdir")
-
-
-def _tokenizer_state(tokenizer: tokenizers.Tokenizer) -> tuple:
-  return (tokenizer.kind, getattr(tokenizer, "alphabet", None), getattr(tokenizer, "model_proto", None))
 
 
 def restore_params(source: InitSource, model, mesh: jax.sharding.Mesh) -> nnx.State:

@@ -101,11 +101,19 @@ def test_the_jitted_step_anneals_inside_without_recompiling():
   graphdef, state, shardings = train.init_state(experiment, config, mesh, optimizer)
   step_fn = train.make_train_step(experiment, graphdef, optimizer, mesh, shardings, attention_anneal_steps=4)
   rows_BL = jax.random.randint(jax.random.key(0), (4, 16), 4, VOCAB_SIZE)
-  ratios = []
+  initial_params = jax.device_get(state.params)
+  ratios, losses = [], []
   for _ in range(6):
     state, metrics = step_fn(state, rows_BL, jax.random.key(1))
     ratios.append(float(metrics["attention_anneal_ratio"]))
+    losses.append(float(metrics["loss"]))
   assert ratios == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+  # The first step's loss is that of the causal network: the mask reaches the network inside the step.
+  loss_key, _, _, anneal_key = jax.random.split(jax.random.fold_in(jax.random.key(1), 0), 4)
+  first_loss = lambda anneal: float(experiment.process.loss(
+      experiment_lib.bind(graphdef, initial_params, anneal=anneal), rows_BL, loss_key)[0])
+  assert losses[0] == pytest.approx(first_loss((jnp.float32(0.0), anneal_key)), rel=1e-5)
+  assert losses[0] != pytest.approx(first_loss(None), rel=1e-3)
   assert step_fn._cache_size() == 1  # one compilation: the ratio and the mask are computed inside
 
 

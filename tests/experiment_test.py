@@ -35,6 +35,7 @@ from experiments import compare  # pylint: disable=g-import-not-at-top
 from experiments import diffusion_lm  # pylint: disable=g-import-not-at-top
 from experiments import mdlm_tiny  # pylint: disable=g-import-not-at-top
 from experiments import seq2seq  # pylint: disable=g-import-not-at-top
+from experiments import sft  # pylint: disable=g-import-not-at-top
 
 # Every experiment file with each variant its get_config takes (None: the default; (): no argument).
 VARIANTS = {
@@ -50,6 +51,7 @@ VARIANTS = {
     "diffusion_lm_tiny": [None],
     "mdlm_demo": [()],
     "mdlm_tiny": [None, "char"],
+    "sft": [",".join(v) for v in itertools.product(sft.FAMILIES, sft.TASKS)],
     "seq2seq": [",".join(v) for v in itertools.product(seq2seq.FAMILIES, seq2seq.TASKS, seq2seq.SIZES)],
     "udlm_tiny": [None],
 }

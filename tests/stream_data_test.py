@@ -172,6 +172,15 @@ def test_char_alphabet_holds_characters_seen_only_in_the_held_out_part(tmp_path)
   assert stream.eval_texts[0].startswith(windows) and "\n" in stream.tokenizer.alphabet
 
 
+def test_sentencepiece_is_trained_on_the_training_documents_the_config_reads(tmp_path):
+  documents = [f"Record {i}: the {'boat' if i < 5 else 'zebra'} sails." for i in range(40)]
+  path = _write(tmp_path / "notes.txt", "\n\n".join(documents))
+  config = datasets.DataConfig(source="text_files", paths=(path,), seq_len=32, vocab_size=300, num_train_docs=5)
+  data = datasets.load_data(config, str(tmp_path / "run"))
+  expected = tokenizers.SentencePieceTokenizer.train(documents[:5], 300)
+  assert data.tokenizer.model_proto == expected.model_proto
+
+
 # Training windows.
 
 

@@ -652,3 +652,17 @@ def test_training_clock_counts_steps_and_seconds_between_pauses(monkeypatch):
   assert clock.lap(40) == pytest.approx(30 / 3)  # the lap spans the pause
   assert clock.total_rate() == pytest.approx(40 / 4)
   assert clock.total_steps == 40 and clock.total_seconds == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("sample_at_end", [True, False])
+def test_the_launcher_samples_after_training_only_when_asked(tmp_path, trained_workdir, sample_at_end, capsys):
+  from ddlm_jax import main  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "finished")
+  subprocess.run(["cp", "-r", trained_workdir[0], workdir], check=True)
+  config = tiny_config(sample_at_end=sample_at_end)
+  config.sample.update(num_samples=2, steps=4)
+  main.run(config, workdir, "train", None)  # a finished run: evaluates again, then samples or not
+  with open(os.path.join(workdir, "train_summary.json")) as f:
+    summary = json.load(f)
+  assert ("samples" in summary) == sample_at_end and ("samples:" in capsys.readouterr().out) == sample_at_end
+  assert summary["step"] == 20 and "bits_per_token" in summary

@@ -89,3 +89,18 @@ def test_a_start_from_a_workdir_without_a_checkpoint_is_refused(tmp_path):
   os.makedirs(tmp_path / "new" / "checkpoints" / "tmp")  # an empty manager directory: still no checkpoint
   with pytest.raises(ValueError, match="holds no checkpoint"):
     train.train_and_evaluate(config, str(tmp_path / "new"))
+
+
+def test_a_char_alphabet_that_misses_a_character_of_the_new_texts_is_refused(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("\n\n".join(f"The boat number {i} sails north." for i in range(40)))
+  first = tiny(mdlm_tiny)
+  first.data.update(source="text_files", paths=(str(path),), tokenizer="char", seq_len=48)
+  train.train_and_evaluate(first, str(tmp_path / "first"))
+  path.write_text("\n\n".join(f"The boat number {i} sails north \u03a9." for i in range(40)))
+  config = tiny(mdlm_tiny)
+  config.data.update(first.data.to_dict())
+  config.init_from = str(tmp_path / "first")
+  with pytest.raises(ValueError, match="char tokenizer of config.init_from has no id for 1 character"):
+    train.train_and_evaluate(config, str(tmp_path / "second"))
+  assert not os.path.exists(tmp_path / "second" / "tokenizer")

@@ -32,6 +32,9 @@ Tasks:
                   `pairs.py`): an embedded document's serialised record
                   (`corpus.format_record`), then its text.
   'text_to_data': the same pair the other way round: the text, then the record.
+  'instructions': both directions in an instruction format (LLaDA-style SFT): even-numbered
+                  documents ask for the description of their record, odd-numbered ones for the
+                  record of their text, each source led by its instruction (INSTRUCTIONS).
 
 Tokenizers: the 'char' alphabet comes from the whole text, every split (training and held-out;
 both sides of the pairs of a pair task), as the text8/enwik8 protocols do, so held-out text is
@@ -60,7 +63,10 @@ from ddlm_jax.data import tokenizers
 SOURCES = ("embedded", "text_files", "tfds")
 PACKINGS = ("pad", "pack")
 TRAIN_WINDOWS = ("rows", "random")
-TASKS = ("lm", "data_to_text", "text_to_data")
+TASKS = ("lm", "data_to_text", "text_to_data", "instructions")
+# The instruction of each direction of task 'instructions', before the source it asks about.
+INSTRUCTIONS = {"data_to_text": "Describe the restaurant with these facts: ",
+                "text_to_data": "List the facts of this description: "}
 # The settings that choose the texts (and so the tokenizer's training texts); `texts_fingerprint` adds the
 # content of local files. The held-out settings that the char alphabet also reads are left out so that
 # older runs keep their fingerprint; a resumed run's `config.run_identity` compares every data setting.
@@ -98,7 +104,7 @@ class DataConfig:
     validation_fraction: share of local documents ('text_files'), or of the characters for unit
       'stream', held out for evaluation.
     seed: seeds the embedded corpus's samples.
-    task: 'lm', 'data_to_text' or 'text_to_data'; the pair tasks need source='embedded' and
+    task: 'lm', 'data_to_text', 'text_to_data' or 'instructions'; the pair tasks need source='embedded' and
       packing='pad'.
     record_attributes: the attributes a pair's serialised record holds, of those the document
       mentions; empty for all of them (pair tasks only).
@@ -234,15 +240,21 @@ def check_tokenizer_texts(directory: str, fingerprint: str) -> None:
                      "--workdir, or the data it was trained on; the workdir was left as it is.")
 
 
-def _build_tokenizer(config: DataConfig, train_texts: list[str], held_out_texts: list[str], workdir: str,
-                     fingerprint: str) -> tokenizers.Tokenizer:
-  """The workdir's tokenizer; one trained now is saved with the texts' fingerprint. 'char' takes its
-  alphabet from both lists of texts, 'sentencepiece' is trained on `train_texts` alone."""
+def _build_tokenizer(config: DataConfig, train_texts: list[str], alphabet_texts: list[str], workdir: str,
+                     fingerprint: str, adopted: tokenizers.Tokenizer | None = None) -> tokenizers.Tokenizer:
+  """The workdir's tokenizer; one made now is saved with the texts' fingerprint. 'char' takes its
+  alphabet from `alphabet_texts` (every text of every split), 'sentencepiece' is trained on
+  `train_texts` (the training texts the config reads) alone. An `adopted` tokenizer (another run's)
+  is used instead of a new one: it must be the one the workdir already holds, if any, and a char
+  alphabet must cover every character of `alphabet_texts`."""
   directory = os.path.join(workdir, "tokenizer")
-  trained_now = not os.path.isdir(directory)
-  texts = train_texts if config.tokenizer == "sentencepiece" else train_texts + held_out_texts
-  tokenizer = tokenizers.build_tokenizer(config.tokenizer, texts, directory, config.vocab_size)
-  if trained_now:
+  made_now = not os.path.isdir(directory)
+  if adopted is None:
+    texts = train_texts if config.tokenizer == "sentencepiece" else alphabet_texts
+    tokenizer = tokenizers.build_tokenizer(config.tokenizer, texts, directory, config.vocab_size)
+  else:
+    tokenizer = _adopt(adopted, alphabet_texts, directory)
+  if made_now:
     path = os.path.join(directory, TOKENIZER_FINGERPRINT_FILE)
     with open(path + ".tmp", "w") as file:
       json.dump({"texts_fingerprint": fingerprint}, file)
@@ -250,18 +262,39 @@ def _build_tokenizer(config: DataConfig, train_texts: list[str], held_out_texts:
   return tokenizer
 
 
-def load_data(config: DataConfig, workdir: str) -> DataBundle:
+def _adopt(tokenizer: tokenizers.Tokenizer, texts: list[str], directory: str) -> tokenizers.Tokenizer:
+  """`tokenizer`, saved in `directory` unless that holds it already; a ValueError, before anything is
+  written, when `directory` holds another one or a char alphabet misses a character of `texts`."""
+  if os.path.isdir(directory):
+    if not tokenizers.same_tokenizer(tokenizers.load_tokenizer(directory), tokenizer):
+      raise ValueError(f"{directory} holds another tokenizer than the one of config.init_from; use a new --workdir")
+    return tokenizer
+  if tokenizer.kind == "char":
+    missing = sorted(set().union(*map(set, texts)) - set(tokenizer.alphabet))
+    if missing:
+      raise ValueError(f"the char tokenizer of config.init_from has no id for {len(missing)} character(s) of "
+                       f"these texts ({''.join(missing[:20])!r}): start from a run whose alphabet covers them")
+  tokenizer.save(directory)
+  return tokenizer
+
+
+def load_data(config: DataConfig, workdir: str, tokenizer: tokenizers.Tokenizer | None = None) -> DataBundle:
   """Reads the texts, builds (or loads) the tokenizer and lays the documents out in rows.
 
-  Raises ValueError before anything is written if workdir/tokenizer was trained on other texts,
-  and, with packing='pack', if the held-out stream is shorter than one row.
+  `tokenizer`: another run's tokenizer to adopt instead of making one (`config.init_from`); it is
+  saved as the workdir's.
+
+  Raises ValueError before anything is written if workdir/tokenizer was trained on other texts, and
+  with packing='pack' if the held-out stream is shorter than one row; before the tokenizer is written
+  if it is not the adopted one or an adopted char alphabet misses a character of the texts.
   """
   fingerprint = texts_fingerprint(config)
   check_tokenizer_texts(os.path.join(workdir, "tokenizer"), fingerprint)
   if config.task != "lm":
-    return _load_pairs(config, workdir, fingerprint)
+    return _load_pairs(config, workdir, fingerprint, tokenizer)
   texts = _load_texts(config, workdir)
-  tokenizer = _build_tokenizer(config, texts.every_train, texts.every_held_out, workdir, fingerprint)
+  tokenizer = _build_tokenizer(config, texts.train, texts.every_train + texts.every_held_out, workdir, fingerprint,
+                               tokenizer)
   train_stream = eval_stream = None
   if config.unit == "stream":
     (train_text,), (eval_text,) = texts.train, texts.held_out
@@ -319,16 +352,18 @@ def _held_out_windows(stream_T: np.ndarray, config: DataConfig) -> np.ndarray:
   return batching.cut_rows(stream_T, config.seq_len)
 
 
-def _load_pairs(config: DataConfig, workdir: str, fingerprint: str) -> DataBundle:
+def _load_pairs(config: DataConfig, workdir: str, fingerprint: str,
+                adopted: tokenizers.Tokenizer | None) -> DataBundle:
   """`load_data` for a pair task: rows [source..., EOS, target..., EOS, PAD, ...].
 
   A pair too long for a row loses the end of its target, as `batching.pad_documents` cuts it.
   """
   train, evaluation = _embedded_documents(config)
-  train_pairs = [_pair(document, config) for document in train]
-  eval_pairs = [_pair(document, config) for document in evaluation]
-  tokenizer = _build_tokenizer(config, [side for pair in train_pairs for side in pair],
-                               [side for pair in eval_pairs for side in pair], workdir, fingerprint)
+  train_pairs = [_pair(document, index, config) for index, document in enumerate(train)]
+  eval_pairs = [_pair(document, index, config) for index, document in enumerate(evaluation)]
+  train_sides = [side for pair in train_pairs for side in pair]
+  tokenizer = _build_tokenizer(config, train_sides, train_sides + [side for pair in eval_pairs for side in pair],
+                               workdir, fingerprint, adopted)
   train_docs = _encode_pairs(train_pairs, tokenizer, config.seq_len)
   eval_docs = _encode_pairs(eval_pairs, tokenizer, config.seq_len)
   num_eval_truncated = batching.count_truncated(eval_docs, config.seq_len)
@@ -352,10 +387,12 @@ def _load_pairs(config: DataConfig, workdir: str, fingerprint: str) -> DataBundl
       eval_records=tuple(dict(document.record) for document in evaluation))
 
 
-def _pair(document: corpus.Document, config: DataConfig) -> tuple[str, str]:
-  """(source, target) of a document for the config's pair task."""
+def _pair(document: corpus.Document, index: int, config: DataConfig) -> tuple[str, str]:
+  """(source, target) of the `index`-th document of a split for the config's pair task."""
   record = corpus.format_record(document.record, config.record_attributes)
-  return (record, document.text) if config.task == "data_to_text" else (document.text, record)
+  direction = ("data_to_text", "text_to_data")[index % 2] if config.task == "instructions" else config.task
+  source, target = (record, document.text) if direction == "data_to_text" else (document.text, record)
+  return (INSTRUCTIONS[direction] + source, target) if config.task == "instructions" else (source, target)
 
 
 def _encode_pairs(pairs: list[tuple[str, str]], tokenizer: tokenizers.Tokenizer,

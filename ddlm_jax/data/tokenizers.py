@@ -316,6 +316,12 @@ def build_tokenizer(kind: str, train_texts: Iterable[str], directory: str,
   return tokenizer
 
 
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+  """Whether two tokenizers map every text to the same ids (the same kind and alphabet or model)."""
+  return (a.kind, getattr(a, "alphabet", None), getattr(a, "model_proto", None)) == (
+      b.kind, getattr(b, "alphabet", None), getattr(b, "model_proto", None))
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
   """The tokenizer that `Tokenizer.save` wrote to `directory`."""
   metadata_path = os.path.join(directory, _METADATA_FILE)
