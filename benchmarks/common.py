@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from ddlm_jax import config as config_lib
+from ddlm_jax import evaluate
 from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import sharding
 from ddlm_jax import train
+from ddlm_jax.data import corpus
 from ddlm_jax.data import tokenizers
 from ddlm_jax.networks import layers
 
@@ -229,3 +231,15 @@ def make_generate(graphdef, process, sampler_config) -> Callable:
                                           eos_id=tokenizers.EOS_ID, pad_id=tokenizers.PAD_ID)
 
   return jax.jit(generate)
+
+
+def pair_scores(task: str, outputs, sources, targets, records, reference: corpus.RestaurantCorpus) -> dict:
+  """How well outputs answer their sources: for 'data_to_text' corpus BLEU against the references and
+  the share the generator parses with exactly the source's record; for 'text_to_data' exact-match
+  and per-attribute accuracy of the parsed records."""
+  if task == "data_to_text":
+    parsed = [reference.parse(text) for text in outputs]
+    faithful = sum(record == corpus.parse_record(source) for record, source in zip(parsed, sources))
+    return {"bleu": round(evaluate.bleu(outputs, targets), 2), "parsed_with_source_record": faithful / len(outputs)}
+  accuracy = evaluate.attribute_accuracy([corpus.parse_record(text) for text in outputs], records)
+  return {name: round(value, 4) for name, value in accuracy.items()}

@@ -20,7 +20,6 @@ from absl import logging
 import ddlm_jax
 from benchmarks import common
 from ddlm_jax import config as config_lib
-from ddlm_jax import evaluate
 from ddlm_jax.data import corpus
 from ddlm_jax.data import datasets
 
@@ -30,15 +29,6 @@ _TASKS = flags.DEFINE_list("tasks", ["data_to_text", "text_to_data"], "Tasks to 
 _NUM_PAIRS = flags.DEFINE_integer("num_pairs", 64, "Held-out pairs per model.")
 _MBR = flags.DEFINE_integer("mbr", 4, "MBR candidates of the diffusion families.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Sampling steps of the diffusion families.")
-
-
-def score(task: str, outputs, sources, targets, records, reference) -> dict:
-  if task == "data_to_text":
-    parsed = [reference.parse(text) for text in outputs]
-    faithful = sum(record == corpus.parse_record(source) for record, source in zip(parsed, sources))
-    return {"bleu": round(evaluate.bleu(outputs, targets), 2), "parsed_with_source_record": faithful / len(outputs)}
-  accuracy = evaluate.attribute_accuracy([corpus.parse_record(text) for text in outputs], records)
-  return {name: round(value, 4) for name, value in accuracy.items()}
 
 
 def main(argv):
@@ -61,7 +51,7 @@ def main(argv):
         settings = {} if family == "ar" else dict(steps=_STEPS.value)
         outputs = model.translate(sources, num_candidates=candidates, seed=1, **settings)
         rows.append({"task": task, "family": family, "mbr_candidates": candidates,
-                     **score(task, outputs, sources, targets, records, reference),
+                     **common.pair_scores(task, outputs, sources, targets, records, reference),
                      "example": {"source": sources[0], "output": outputs[0], "reference": targets[0]}})
         print(rows[-1])
     path = common.write_json(f"seq2seq_{task}", {"num_pairs": _NUM_PAIRS.value, "steps": _STEPS.value,

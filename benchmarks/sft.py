@@ -8,7 +8,7 @@ For every trained workdir ROOT/FAMILY (`experiments/sft.py`, task 'instructions'
 --num_pairs held-out prompts, even-numbered ones asking for the description of a record (scored by
 corpus BLEU against the reference and the share the generator parses with exactly the prompt's
 record), odd-numbered ones for the record of a description (exact-match and per-attribute accuracy),
-as `benchmarks.seq2seq` scores them. The masked model decodes with --steps steps, the AR model
+as `benchmarks.seq2seq` scores them (`common.pair_scores`). The masked model decodes with --steps steps, the AR model
 greedily. Writes benchmarks/results/sft.json.
 """
 import os
@@ -19,7 +19,6 @@ from absl import logging
 
 import ddlm_jax
 from benchmarks import common
-from benchmarks import seq2seq
 from ddlm_jax import config as config_lib
 from ddlm_jax.data import corpus
 from ddlm_jax.data import datasets
@@ -45,7 +44,7 @@ def main(argv):
     for direction, parity in (("data_to_text", 0), ("text_to_data", 1)):
       chosen = slice(parity, n, 2)
       sources = [source[len(datasets.INSTRUCTIONS[direction]):] for source in data.eval_sources[chosen]]
-      row[direction] = seq2seq.score(direction, outputs[chosen], sources, data.eval_targets[chosen],
+      row[direction] = common.pair_scores(direction, outputs[chosen], sources, data.eval_targets[chosen],
                                      data.eval_records[chosen], reference)
     row["examples"] = [{"prompt": data.eval_sources[i], "answer": outputs[i]} for i in range(2)]
     rows.append(row)
