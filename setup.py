@@ -24,7 +24,9 @@ setuptools.setup(
         "sacrebleu>=2.4",  # BLEU for seq2seq (maintained reference implementation)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist"],
+        # The notebooks in colab/ run in the test suite (nbclient drives a Jupyter kernel).
+        "dev": ["pytest>=8", "pytest-xdist", "matplotlib", "nbclient>=0.10", "nbformat>=5.10", "ipykernel"],
+        "plots": ["matplotlib"],  # ddlm_jax.plots
         "bench": ["matplotlib"],  # the quality-vs-steps plot
         "tf": ["tensorflow"],
     },

@@ -1,0 +1,37 @@
+"""Progress output: whole lines, not carriage returns, when nobody watches a terminal."""
+import io
+
+from ddlm_jax import progress
+
+
+def test_plain_progress_writes_a_line_every_tenth_and_at_the_end():
+  stream = io.StringIO()
+  bar = progress.PlainProgress(total=100, desc="train", unit="step", stream=stream)
+  for _ in range(100):
+    bar.update(1)
+  bar.set_postfix(loss="1.234")
+  bar.close()
+  lines = stream.getvalue().splitlines()
+  assert "\r" not in stream.getvalue()
+  assert [line.split(":")[1].split()[0] for line in lines] == [f"{n}/100" for n in range(10, 101, 10)]
+  assert lines[-1].endswith("(loss=1.234)")
+
+
+def test_plain_progress_resumed_counts_from_its_initial_step_and_can_be_silenced():
+  stream = io.StringIO()
+  bar = progress.PlainProgress(total=100, desc="train", unit="step", initial=95, stream=stream)
+  bar.update(5)
+  bar.close()
+  assert stream.getvalue().splitlines() == [stream.getvalue().splitlines()[0]]
+  assert "100/100" in stream.getvalue()
+  silent = io.StringIO()
+  quiet = progress.PlainProgress(total=10, desc="eval", unit="batch", disable=True, stream=silent)
+  quiet.update(10)
+  quiet.close()
+  assert silent.getvalue() == ""
+
+
+def test_bar_is_plain_when_stderr_is_a_file(monkeypatch):
+  monkeypatch.setattr("sys.stderr", io.StringIO())
+  monkeypatch.delitem(__import__("sys").modules, "ipykernel", raising=False)
+  assert isinstance(progress.bar(10, "eval", "batch"), progress.PlainProgress)
