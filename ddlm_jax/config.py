@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_eval_docs=1_000,
       validation_fraction=0.05,  # local text files only
       seed=0,
-      task="lm",                 # 'lm' | 'data_to_text' | 'text_to_data' | 'instructions' (embedded corpus pairs)
+      task="lm",                 # 'lm' | 'data_to_text' | 'text_to_data' | 'instructions' | 'completion' (pairs)
       record_attributes=(),      # pair tasks: the record's attributes; empty: all a document mentions
   ))
 
@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
       sample_at_end=True,        # the launcher's --mode=train prints config.sample.num_samples samples at the end
       # AR -> diffusion adaptation: over this many first steps the attention of a bidirectional model is annealed
       # from causal (step 0) to bidirectional, each later key visible with probability step / attention_anneal_steps
+      # (a block model's, within its blocks, to block diffusion's mask)
       attention_anneal_steps=0,
   ))
 
@@ -181,9 +182,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        ("eval.rows", evaluate.ROW_SELECTIONS)):
     if config[key] not in allowed:
       raise ValueError(f"config.{key}={config[key]!r} is not one of {allowed}")
-  if config.train.attention_anneal_steps and config.process.name in ("autoregressive", "block", "gaussian"):
-    raise ValueError("config.train.attention_anneal_steps anneals a bidirectional token network's attention from "
-                     f"causal: it needs process masked, uniform or d3pm, not {config.process.name!r}")
+  if config.train.attention_anneal_steps and config.process.name in ("autoregressive", "gaussian"):
+    raise ValueError("config.train.attention_anneal_steps anneals a diffusion token network's attention from "
+                     f"causal: it needs process masked, uniform, d3pm or block, not {config.process.name!r}")
   if config.sample.method == "speculative":
     raise ValueError("config.sample.method 'speculative' needs a drafter model, which a run's config cannot name: "
                      "call Pipeline.generate(method='speculative', drafter=ddlm_jax.load(DRAFTER_WORKDIR))")
@@ -228,10 +229,10 @@ def _check_pair_task_settings(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.train.condition_dropout must lie in [0, 1), got {config.train.condition_dropout}")
   if config.train.condition_dropout and not pairs:
     raise ValueError("config.train.condition_dropout drops a pair's source: it needs a pair task "
-                     "(config.data.task 'data_to_text', 'text_to_data' or 'instructions')")
+                     "(config.data.task 'data_to_text', 'text_to_data', 'instructions' or 'completion')")
   if config.sample.guidance_scale != 1.0 and not pairs:
     raise ValueError("config.sample.guidance_scale (classifier-free guidance) guides toward a pair's source: "
-                     "it needs a pair task (config.data.task 'data_to_text', 'text_to_data' or 'instructions')")
+                     "it needs a pair task (config.data.task 'data_to_text', 'text_to_data', 'instructions' or 'completion')")
 
 
 @contextlib.contextmanager

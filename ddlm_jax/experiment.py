@@ -162,10 +162,12 @@ def model_config(config: ml_collections.ConfigDict, process) -> transformer.Tran
     raise ValueError(f"vocab_multiple must be an integer >= 1 (1: no padding), got {vocab_multiple!r}")
   padded_vocab_size = -(-process.vocab_size // vocab_multiple) * vocab_multiple
   shift_logits = network_settings.pop("shift_logits")
-  if shift_logits and (process.causal_network or latent_dim or block_size):
+  if shift_logits and (process.causal_network or latent_dim):
     raise ValueError(f"shift_logits (an AR network's next-token outputs, for adapting it to diffusion) needs a "
-                     f"bidirectional token process (masked, uniform, d3pm), not {type(process).__name__}")
-  return transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=config.data.seq_len + shift_logits,
+                     f"diffusion process over tokens (masked, uniform, d3pm, block), not {type(process).__name__}")
+  # A shifted network reads a start slot before the sequence; a block network's drops the last token instead.
+  max_len = config.data.seq_len + (shift_logits and not block_size)
+  return transformer.TransformerConfig(vocab_size=padded_vocab_size, max_len=max_len,
                                        causal=process.causal_network, latent_dim=latent_dim, block_size=block_size,
                                        shift_start_id=tokenizers.BOS_ID if shift_logits else None,
                                        **network_settings)

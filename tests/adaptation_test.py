@@ -27,6 +27,7 @@ from ddlm_jax.processes import masked
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import ar_tiny  # pylint: disable=g-import-not-at-top
+from experiments import bd3lm_tiny  # pylint: disable=g-import-not-at-top
 from experiments import mdlm_tiny  # pylint: disable=g-import-not-at-top
 
 VOCAB_SIZE = 16
@@ -119,10 +120,11 @@ def test_the_jitted_step_anneals_inside_without_recompiling():
 
 @pytest.mark.parametrize("change,message", [
     (dict(process=dict(name="autoregressive"), model=dict(shift_logits=True)), "shift_logits"),
-    (dict(process=dict(name="block"), model=dict(shift_logits=True)), "shift_logits"),
+    (dict(process=dict(name="gaussian", latent_dim=8, schedule="sqrt"), model=dict(shift_logits=True, time_conditioning=True)),
+     "shift_logits"),
     (dict(process=dict(name="autoregressive"), train=dict(attention_anneal_steps=10)), "attention_anneal_steps"),
-    (dict(process=dict(name="block"), train=dict(attention_anneal_steps=10)), "attention_anneal_steps"),
     (dict(model=dict(shift_logits=True), sample=dict(method="blockwise", block_length=16, cache="dual")), "cache"),
+    (dict(process=dict(name="block", block_size=8), model=dict(shift_logits=True)), "cache 'none'"),
 ])
 def test_settings_adaptation_cannot_use_are_refused(change, message):
   config = config_lib.base_config()
@@ -148,4 +150,80 @@ def test_an_autoregressive_run_adapts_to_masked_diffusion_and_samples(tmp_path):
   assert summary["init_from"]["process"] == "autoregressive" and np.isfinite(summary["bits_per_token"])
   model = pipeline.load(str(tmp_path / "adapted"))
   assert model.graphdef is not None and len(model.generate(["The Golden"], steps=8)) == 1
+  assert np.isfinite(model.score("The Golden Lantern is a pub.").bits_per_token)
+
+
+BLOCK = 4
+
+
+def test_the_annealed_block_mask_goes_from_causal_to_block_diffusion():
+  key, length = jax.random.key(0), 16
+  causal_LL = np.tril(np.ones((length, length), bool))
+  earlier_LL = np.greater.outer(np.arange(length) // BLOCK, np.arange(length) // BLOCK)
+  same_LL = np.equal.outer(np.arange(length) // BLOCK, np.arange(length) // BLOCK)
+  at_zero = np.asarray(layers.annealed_block_diffusion_mask(key, length, BLOCK, 0.0)[0])
+  # Each copy attends as an AR network: the clean blocks before it and its own block up to itself.
+  np.testing.assert_array_equal(at_zero[:length], np.concatenate([same_LL & causal_LL, earlier_LL], axis=1))
+  np.testing.assert_array_equal(at_zero[length:], np.concatenate([0 * same_LL, causal_LL], axis=1).astype(bool))
+  np.testing.assert_array_equal(layers.annealed_block_diffusion_mask(key, length, BLOCK, 1.0),
+                                layers.block_diffusion_mask(length, BLOCK))
+  halfway = np.asarray(layers.annealed_block_diffusion_mask(key, length, BLOCK, 0.5)[0])
+  later_in_block_LL = same_LL & ~causal_LL
+  assert 0.3 < halfway[:length, :length][later_in_block_LL].mean() < 0.7 and not halfway[:length, length:][same_LL].any()
+
+
+def block_networks(seed=0):
+  """An AR network and the shifted block network over the same parameters."""
+  ar = transformer.TransformerConfig(vocab_size=VOCAB_SIZE, max_len=12, num_layers=2, num_heads=2, embed_dim=16,
+                                     mlp_dim=32, causal=True)
+  shifted = transformer.TransformerConfig(vocab_size=VOCAB_SIZE, max_len=12, num_layers=2, num_heads=2,
+                                          embed_dim=16, mlp_dim=32, block_size=BLOCK, shift_start_id=tokenizers.BOS_ID)
+  model = transformer.Transformer(ar, rngs=nnx.Rngs(seed))
+  _, params = nnx.split(model, nnx.Param)
+  return model, nnx.merge(nnx.graphdef(transformer.Transformer(shifted, rngs=nnx.Rngs(0))), params)
+
+
+def test_at_ratio_0_the_shifted_block_network_is_the_autoregressive_one():
+  ar_model, adapted = block_networks()
+  x_BL = jax.random.randint(jax.random.key(1), (3, 12), 4, VOCAB_SIZE)
+  process = autoregressive.Autoregressive(vocab_size=VOCAB_SIZE, bos_id=tokenizers.BOS_ID)
+  expected_BLV = ar_model(process.inputs(x_BL))
+  at_zero_BLV = adapted(x_BL, clean_tokens_BL=x_BL, anneal=(jnp.float32(0.0), jax.random.key(2)))
+  np.testing.assert_allclose(at_zero_BLV, expected_BLV, atol=1e-5)
+  at_one_BLV = adapted(x_BL, clean_tokens_BL=x_BL, anneal=(jnp.float32(1.0), jax.random.key(2)))
+  np.testing.assert_allclose(at_one_BLV, adapted(x_BL, clean_tokens_BL=x_BL), atol=1e-6)
+  assert not np.allclose(at_one_BLV, expected_BLV, atol=1e-3)
+
+
+def test_the_shifted_block_network_samples_with_the_logits_it_was_trained_with():
+  _, adapted = block_networks(seed=3)
+  x0_BL = jax.random.randint(jax.random.key(4), (2, 12), 4, VOCAB_SIZE)
+  noised_BL = jnp.where(jax.random.bernoulli(jax.random.key(5), 0.5, x0_BL.shape), tokenizers.MASK_ID, x0_BL)
+  trained_BLV = adapted(noised_BL, clean_tokens_BL=x0_BL)  # the training pass: every block at once
+  for block in range(12 // BLOCK):
+    # Sampling block `block`: the blocks before it finished (clean), it noised, the later ones masked.
+    canvas_BL = jnp.concatenate([x0_BL[:, :block * BLOCK], noised_BL[:, block * BLOCK:(block + 1) * BLOCK],
+                                 jnp.full((2, 12 - (block + 1) * BLOCK), tokenizers.MASK_ID)], axis=1)
+    window = slice(block * BLOCK, (block + 1) * BLOCK)
+    np.testing.assert_allclose(adapted(canvas_BL)[:, window], trained_BLV[:, window], atol=1e-5)
+
+
+def test_an_autoregressive_run_adapts_to_block_diffusion_and_samples(tmp_path):
+  ar = ar_tiny.get_config()
+  ar.data.update(num_train_docs=200, seq_len=32)
+  ar.train.update(num_steps=2, checkpoint_every=2)
+  ar.eval.update(max_docs=16)
+  train.train_and_evaluate(ar, str(tmp_path / "ar"))
+  adapted = bd3lm_tiny.get_config()
+  adapted.data.update(num_train_docs=200, seq_len=32)
+  adapted.model.update({**ar.model.to_dict(), "shift_logits": True})
+  adapted.sample.cache = "none"
+  adapted.train.update(num_steps=4, checkpoint_every=4, attention_anneal_steps=2)
+  adapted.eval.update(max_docs=16)
+  adapted.init_from = str(tmp_path / "ar")
+  summary = train.train_and_evaluate(adapted, str(tmp_path / "adapted"))
+  assert summary["init_from"]["process"] == "autoregressive" and np.isfinite(summary["bits_per_token"])
+  model = pipeline.load(str(tmp_path / "adapted"))
+  prompt = "The Golden"
+  assert model.generate([prompt])[0].startswith(prompt)
   assert np.isfinite(model.score("The Golden Lantern is a pub.").bits_per_token)

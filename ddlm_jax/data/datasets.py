@@ -35,6 +35,10 @@ Tasks:
   'instructions': both directions in an instruction format (LLaDA-style SFT): even-numbered
                   documents ask for the description of their record, odd-numbered ones for the
                   record of their text, each source led by its instruction (INSTRUCTIONS).
+  'completion':   each document's text cut in two at its middle word (`pairs.split_in_halves`):
+                  even-numbered documents ask for the half after the given one, odd-numbered ones
+                  for the half before it, each source led by its instruction (INSTRUCTIONS); the
+                  format of the reversal evaluation (`reversal.py`).
 
 Tokenizers: the 'char' alphabet comes from the whole text, every split (training and held-out;
 both sides of the pairs of a pair task), as the text8/enwik8 protocols do, so held-out text is
@@ -63,10 +67,14 @@ from ddlm_jax.data import tokenizers
 SOURCES = ("embedded", "text_files", "tfds")
 PACKINGS = ("pad", "pack")
 TRAIN_WINDOWS = ("rows", "random")
-TASKS = ("lm", "data_to_text", "text_to_data", "instructions")
-# The instruction of each direction of task 'instructions', before the source it asks about.
+TASKS = ("lm", "data_to_text", "text_to_data", "instructions", "completion")
+# The instruction of each direction of tasks 'instructions' and 'completion', before the source it asks about.
 INSTRUCTIONS = {"data_to_text": "Describe the restaurant with these facts: ",
-                "text_to_data": "List the facts of this description: "}
+                "text_to_data": "List the facts of this description: ",
+                "forward": "Write what follows: ",
+                "reversal": "Write what comes before: "}
+# The directions of each instruction task, taken by documents in turn.
+INSTRUCTION_DIRECTIONS = {"instructions": ("data_to_text", "text_to_data"), "completion": ("forward", "reversal")}
 # The settings that choose the texts (and so the tokenizer's training texts); `texts_fingerprint` adds the
 # content of local files. The held-out settings that the char alphabet also reads are left out so that
 # older runs keep their fingerprint; a resumed run's `config.run_identity` compares every data setting.
@@ -104,8 +112,8 @@ class DataConfig:
     validation_fraction: share of local documents ('text_files'), or of the characters for unit
       'stream', held out for evaluation.
     seed: seeds the embedded corpus's samples.
-    task: 'lm', 'data_to_text', 'text_to_data' or 'instructions'; the pair tasks need source='embedded' and
-      packing='pad'.
+    task: 'lm', 'data_to_text', 'text_to_data', 'instructions' or 'completion'; the pair tasks need
+      source='embedded' and packing='pad'.
     record_attributes: the attributes a pair's serialised record holds, of those the document
       mentions; empty for all of them (pair tasks only).
   """
@@ -389,10 +397,15 @@ def _load_pairs(config: DataConfig, workdir: str, fingerprint: str,
 
 def _pair(document: corpus.Document, index: int, config: DataConfig) -> tuple[str, str]:
   """(source, target) of the `index`-th document of a split for the config's pair task."""
-  record = corpus.format_record(document.record, config.record_attributes)
-  direction = ("data_to_text", "text_to_data")[index % 2] if config.task == "instructions" else config.task
-  source, target = (record, document.text) if direction == "data_to_text" else (document.text, record)
-  return (INSTRUCTIONS[direction] + source, target) if config.task == "instructions" else (source, target)
+  directions = INSTRUCTION_DIRECTIONS.get(config.task)
+  direction = directions[index % 2] if directions else config.task
+  if direction in ("forward", "reversal"):
+    before, after = pairs_lib.split_in_halves(document.text)
+    source, target = (before, after) if direction == "forward" else (after, before)
+  else:
+    record = corpus.format_record(document.record, config.record_attributes)
+    source, target = (record, document.text) if direction == "data_to_text" else (document.text, record)
+  return (INSTRUCTIONS[direction] + source, target) if directions else (source, target)
 
 
 def _encode_pairs(pairs: list[tuple[str, str]], tokenizer: tokenizers.Tokenizer,

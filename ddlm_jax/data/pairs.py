@@ -20,6 +20,18 @@ def encode_pair(source_ids: Sequence[int], target_ids: Sequence[int], eos_id: in
   return [*source_ids, eos_id, *target_ids]
 
 
+def split_in_halves(text: str) -> tuple[str, str]:
+  """(before, after): `text` cut at the space nearest its middle character, which neither half keeps.
+
+  A text without a space between two words cannot be cut and is refused.
+  """
+  spaces = [i for i, char in enumerate(text) if char == " " and 0 < i < len(text) - 1]
+  if not spaces:
+    raise ValueError(f"cannot cut {text!r} in two: it has no space between words")
+  cut = min(spaces, key=lambda i: abs(2 * i + 1 - len(text)))
+  return text[:cut], text[cut + 1:]
+
+
 def source_mask(rows_BL, eos_id: int):
   """bool[B, L]: True up to and including each row's first [EOS], the source of a pair's row.
 

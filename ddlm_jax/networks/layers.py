@@ -200,6 +200,25 @@ def annealed_causal_mask(key: jax.Array, length: int,
   return (block_causal_mask(0, length, length, 1)[0] | later_visible_LL)[None]
 
 
+def annealed_block_diffusion_mask(key: jax.Array, length: int, block_size: int,
+                                  ratio: jax.Array | float) -> jax.Array:
+  """bool[1, 2L, 2L]: `block_diffusion_mask` with attention within a block
+  annealed from causal: each query of either copy sees the keys of its own
+  block up to its own position, and each later one with probability `ratio`
+  (independent draws from `key`). At ratio 0 every query attends as in an
+  autoregressive network (to the clean blocks before it and its own block up
+  to itself), at 1 the mask is exactly `block_diffusion_mask` (AR -> block
+  diffusion adaptation)."""
+  blocks_L = jnp.arange(length) // block_size
+  same_block_LL = blocks_L[:, None] == blocks_L[None, :]
+  earlier_block_LL = blocks_L[:, None] > blocks_L[None, :]
+  later_visible_2LL = jax.random.uniform(key, (2, length, length)) < ratio
+  within_2LL = same_block_LL & (block_causal_mask(0, length, length, 1) | later_visible_2LL)
+  noised_2LL = jnp.concatenate([within_2LL[0], earlier_block_LL], axis=1)
+  clean_2LL = jnp.concatenate([jnp.zeros_like(same_block_LL), within_2LL[1] | earlier_block_LL], axis=1)
+  return jnp.concatenate([noised_2LL, clean_2LL], axis=0)[None]
+
+
 def block_diffusion_mask(length: int, block_size: int) -> jax.Array:
   """bool[1, 2L, 2L]: the mask of a block-diffusion training pass over the
   noised and the clean copy of a sequence side by side, [x_t, x_0] (BD3-LM).

@@ -70,9 +70,10 @@ class TransformerConfig:
     decode_chunk_size: cache slots read per loop step when decoding
       (`layers.cached_attention`).
     shift_start_id: None, or the id of a start token: the network then keeps
-      an autoregressive network's next-token convention (`next_token_shift`),
-      so that an AR model's parameters adapt to diffusion; a bidirectional
-      token model without block_size only, and without KV-cache decoding.
+      an autoregressive network's next-token convention (`next_token_shift`;
+      `block_next_token_shift` for a block model), so that an AR model's
+      parameters adapt to diffusion; a token model that is not causal, and
+      without KV-cache decoding.
   """
   vocab_size: int
   max_len: int
@@ -128,11 +129,9 @@ class TransformerConfig:
     if self.latent_dim and self.causal:
       raise ValueError("latent_dim > 0 (embedding-space inputs) needs a "
                        "bidirectional model, not causal=True")
-    if self.shift_start_id is not None and (
-        self.causal or self.block_size or self.latent_dim):
-      raise ValueError("shift_start_id (shifted outputs) needs a bidirectional "
-                       "token model without blocks, not causal=True, "
-                       "block_size > 0 or latent_dim > 0")
+    if self.shift_start_id is not None and (self.causal or self.latent_dim):
+      raise ValueError("shift_start_id (shifted outputs) needs a token model "
+                       "that is not causal, not causal=True or latent_dim > 0")
     if self.shift_start_id is not None and not (
         0 <= self.shift_start_id < self.vocab_size):
       raise ValueError(f"shift_start_id {self.shift_start_id} is outside the "
@@ -272,6 +271,12 @@ class Transformer(nnx.Module):
     Returns:
       float32[B, L, V] logits; float32[B, L, E] with latent_dim E > 0.
     """
+    if self.config.shift_start_id is not None and self.config.block_size:
+      return block_next_token_shift(
+          self._forward, self.config.shift_start_id, self.config.block_size)(
+              tokens_BL, t_B, dropout_key=dropout_key,
+              clean_tokens_BL=clean_tokens_BL, visible_BL=visible_BL,
+              anneal=anneal)
     if self.config.shift_start_id is not None:
       return next_token_shift(self._forward, self.config.shift_start_id)(
           tokens_BL, t_B, dropout_key=dropout_key, visible_BL=visible_BL,
@@ -305,10 +310,16 @@ class Transformer(nnx.Module):
       mask_BLL = layers.block_diffusion_mask(length, config.block_size)
       if visible_BL is not None:
         visible_BL = jnp.concatenate([visible_BL, visible_BL], axis=1)
-    if anneal is not None:
-      if config.causal or config.block_size:
+    if anneal is not None and config.block_size:
+      if clean_tokens_BL is None:
+        raise ValueError("anneal of a block model anneals its training pass: "
+                         "it needs clean_tokens_BL")
+      mask_BLL = layers.annealed_block_diffusion_mask(
+          anneal[1], length, config.block_size, anneal[0])
+    elif anneal is not None:
+      if config.causal:
         raise ValueError("anneal (a causal mask annealed to bidirectional) "
-                         "needs a bidirectional model without blocks")
+                         "needs a model that is not causal")
       mask_BLL = layers.annealed_causal_mask(anneal[1], length, anneal[0])
     if visible_BL is not None:
       mask_BLL = self._visible_keys_mask(visible_BL, mask_BLL)
@@ -449,6 +460,40 @@ def next_token_shift(network_fn: Callable, start_id: int) -> Callable:
     outputs = network_fn(jnp.concatenate([start_B1, tokens_BL], axis=1), t_B,
                          visible_BL=visible_BL, **inputs)
     return outputs[:, :-1]
+  return shifted
+
+
+def block_next_token_shift(network_fn: Callable, start_id: int,
+                           block_size: int) -> Callable:
+  """`next_token_shift` for a block network (AR -> block diffusion adaptation).
+
+  Slot i reads the token before position i and predicts x^i: the L slots are
+  [start_id, x^0, ..., x^{L-2}], so slots and positions share their blocks.
+  The first slot of a block reads the clean token before the block (the last
+  of the previous block, clean in training's copy of x_0 and finished when
+  sampling), so a block's predictions see the clean blocks before it and the
+  noised tokens of its own block but its last one, which no slot of the block
+  reads. In the training pass the clean copy is shifted the same way; a
+  single canvas (sampling, cache 'none') is shifted as it is.
+
+  network_fn(tokens, t_B, *, clean_tokens_BL=None, visible_BL=None, **inputs)
+  -> outputs[B, L, ...]; the returned function takes the same arguments.
+  """
+  def shift_in(tokens_BL, start):
+    start_B1 = jnp.full((tokens_BL.shape[0], 1), start, tokens_BL.dtype)
+    return jnp.concatenate([start_B1, tokens_BL[:, :-1]], axis=1)
+
+  def shifted(tokens_BL, t_B=None, *, clean_tokens_BL=None, visible_BL=None,
+              **inputs):
+    slots_BL = shift_in(tokens_BL, start_id)
+    if clean_tokens_BL is not None:
+      clean_slots_BL = shift_in(clean_tokens_BL, start_id)
+      block_start_L = jnp.arange(tokens_BL.shape[1]) % block_size == 0
+      slots_BL = jnp.where(block_start_L, clean_slots_BL, slots_BL)
+      inputs["clean_tokens_BL"] = clean_slots_BL
+    if visible_BL is not None:
+      visible_BL = shift_in(visible_BL.astype(bool), True)
+    return network_fn(slots_BL, t_B, visible_BL=visible_BL, **inputs)
   return shifted
 
 
