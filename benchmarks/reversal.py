@@ -1,5 +1,5 @@
-"""Forward against reversal completion (LLaDA's poem table) for the AR baseline, masked diffusion and the
-adapted model, zero-shot and after instruction tuning (`ddlm_jax.reversal` states the protocol).
+"""Forward against reversal completion (LLaDA's poem table) for the AR baseline, masked and block diffusion
+and the adapted model, zero-shot and after instruction tuning (`ddlm_jax.reversal` states the protocol).
 
   python -m benchmarks.reversal
 
@@ -28,7 +28,7 @@ from experiments import reversal as reversal_runs
 _ROOT = flags.DEFINE_string("root", reversal_runs.ROOT, "Parent of the trained workdirs.")
 _MODELS = flags.DEFINE_list("models", list(reversal_runs.MODELS), "Models to train and ask.")
 
-NAMES = {"ar": "AR", "mdlm": "MDLM", "adapted": "AR adapted to MDLM"}
+NAMES = {"ar": "AR", "mdlm": "MDLM", "bd3lm": "BD3-LM (blocks of 4)", "adapted": "AR adapted to MDLM"}
 
 
 def memorised_documents(config) -> list[str]:
@@ -66,7 +66,7 @@ def main(argv):
       for direction in reversal.DIRECTIONS:
         if fine_tuned:
           result = reversal.instruction(model, documents, direction)
-        elif direction == "reversal" and model.process.causal_network:
+        elif direction == "reversal" and reversal.writes_left_to_right(model):
           continue
         else:
           result = reversal.zero_shot(model, documents, direction)

@@ -74,6 +74,11 @@ def greedy_settings(model: pipeline_lib.Pipeline) -> dict:
   return {"temperature": 0.0, "strategy": "low_confidence", "steps": model.seq_len}
 
 
+def writes_left_to_right(model: pipeline_lib.Pipeline) -> bool:
+  """True for the autoregressive and block models: what they write cannot depend on text after it."""
+  return model.process.causal_network or model.config.process.name == "block"
+
+
 def zero_shot(model: pipeline_lib.Pipeline, documents: Sequence[str], direction: str,
               seed: int = 0) -> Completions:
   """Completes each document's missing half through a language model's canvas (see the module)."""
@@ -86,7 +91,7 @@ def zero_shot(model: pipeline_lib.Pipeline, documents: Sequence[str], direction:
   if direction == "forward":
     outputs = model.generate([before for before, _ in halves], seed=seed, **greedy_settings(model))
   else:
-    if model.process.causal_network or model.config.process.name == "block":
+    if writes_left_to_right(model):
       raise ValueError("a left-to-right model cannot condition on the text after the tokens it writes: "
                        "reversal needs a diffusion model over the whole canvas, or the 'instruction' format")
     constraints = [{len(model.tokenizer.encode(before)): after} for before, after in halves]

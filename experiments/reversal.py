@@ -3,16 +3,18 @@ models that see a small fixed set of documents many times, then instruction-tune
 
   python -m ddlm_jax.main --config=experiments/reversal.py:ar --workdir=workdirs/reversal/ar
   python -m ddlm_jax.main --config=experiments/reversal.py:mdlm --workdir=workdirs/reversal/mdlm
+  python -m ddlm_jax.main --config=experiments/reversal.py:bd3lm --workdir=workdirs/reversal/bd3lm
   python -m ddlm_jax.main --config=experiments/reversal.py:adapted --workdir=workdirs/reversal/adapted
   python -m ddlm_jax.main --config=experiments/reversal.py:ar,sft --workdir=workdirs/reversal/ar_sft
   python -m ddlm_jax.main --config=experiments/reversal.py:mdlm,sft --workdir=workdirs/reversal/mdlm_sft
+  python -m ddlm_jax.main --config=experiments/reversal.py:bd3lm,sft --workdir=workdirs/reversal/bd3lm_sft
   python -m ddlm_jax.main --config=experiments/reversal.py:adapted,sft --workdir=workdirs/reversal/adapted_sft
   python -m benchmarks.reversal
 
-Variant `MODEL[,sft]`. MODEL 'ar' (the autoregressive baseline) and 'mdlm' (masked diffusion)
-pretrain `compare.py`'s network for 1,000 steps of 32 rows on the first NUM_DOCUMENTS documents of
-the embedded corpus's training split, so each is seen about 125 times (the documents the
-evaluation asks about are memorised, like LLaDA's poems); 'adapted' turns the 'ar' run into masked
+Variant `MODEL[,sft]`. MODEL 'ar' (the autoregressive baseline), 'mdlm' (masked diffusion) and
+'bd3lm' (block diffusion, blocks of 4) pretrain `compare.py`'s network for 1,000 steps of 32 rows
+on the first NUM_DOCUMENTS documents of the embedded corpus's training split, so each is seen
+about 125 times (the documents the evaluation asks about are memorised, like LLaDA's poems); 'adapted' turns the 'ar' run into masked
 diffusion (`config.init_from`, shifted logits, attention annealed over 100 steps) for 500 steps.
 ',sft' fine-tunes that run (init_from workdirs/reversal/MODEL) for 500 steps on task 'completion'
 (given one half of a document, write the other; both directions) over the first NUM_SFT_DOCUMENTS
@@ -23,7 +25,8 @@ from experiments import compare
 
 NUM_DOCUMENTS = 256
 NUM_SFT_DOCUMENTS = 192
-MODELS = ("ar", "mdlm", "adapted")
+MODELS = ("ar", "mdlm", "bd3lm", "adapted")
+NETWORKS = {"ar": "ar", "mdlm": "mdlm", "bd3lm": "bd3lm_4", "adapted": "mdlm"}
 ROOT = "workdirs/reversal"
 
 
@@ -31,7 +34,7 @@ def get_config(variant: str = "mdlm"):
   model, *rest = variant.split(",")
   if model not in MODELS or rest not in ([], ["sft"]):
     raise ValueError(f"unknown variant {variant!r} of reversal; expected MODEL[,sft] with MODEL in {MODELS}")
-  config = compare.get_config("ar" if model == "ar" else "mdlm")
+  config = compare.get_config(NETWORKS[model])
   config.data.update(num_train_docs=NUM_DOCUMENTS, num_eval_docs=64)
   config.train.update(num_steps=1_000, checkpoint_every=500)
   config.eval.max_docs = 64
