@@ -16,7 +16,8 @@ the canvas (decoding stops at the first [EOS]).
 Variant `FAMILY[,TASK]`: FAMILY 'mdlm' (masked diffusion) or 'ar' (the autoregressive baseline); TASK
 'instructions' (the default: both directions, each prompt led by its instruction), 'data_to_text'
 or 'text_to_data'. The network and vocabulary are `compare.py`'s (4 layers of width 128, 2,048
-sentencepiece ids); rows hold 128 tokens (the pretrained canvas was 64: positions are relative).
+sentencepiece ids); rows hold 160 tokens, room for every held-out pair (the pretrained canvas was 64:
+positions are relative).
 """
 from experiments import seq2seq
 
@@ -32,5 +33,6 @@ def get_config(variant: str = "mdlm"):
   config = seq2seq.get_config(f"{family},data_to_text")
   config.data.task = task
   config.init_from = f"workdirs/compare/{family}_embedded"
+  config.data.seq_len = 160
   config.train.update(num_steps=1_000, learning_rate=3e-4, warmup_steps=50)
   return config
