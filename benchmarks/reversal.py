@@ -5,7 +5,7 @@ and the adapted model, zero-shot and after instruction tuning (`ddlm_jax.reversa
 
 Trains each `experiments/reversal.py` run whose workdir (--root/MODEL, --root/MODEL_sft) has no
 checkpoint (the launcher commands in that file do the same), then asks every model about the
-documents that pretraining showed about 125 times and fine-tuning never showed in the instruction
+documents that pretraining showed hundreds of times and fine-tuning never showed in the instruction
 format (the last NUM_DOCUMENTS - NUM_SFT_DOCUMENTS of the pretraining documents). Writes
 benchmarks/results/reversal.json and prints the table. The anchor (Nie et al. 2025, Table 4,
 Chinese poems): LLaDA 8B Instruct forward 51.8 / reversal 45.6, GPT-4o 82.7 / 34.3.
