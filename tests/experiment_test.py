@@ -34,6 +34,7 @@ from experiments import char_stream  # pylint: disable=g-import-not-at-top
 from experiments import compare  # pylint: disable=g-import-not-at-top
 from experiments import diffusion_lm  # pylint: disable=g-import-not-at-top
 from experiments import mdlm_tiny  # pylint: disable=g-import-not-at-top
+from experiments import reversal  # pylint: disable=g-import-not-at-top
 from experiments import seq2seq  # pylint: disable=g-import-not-at-top
 from experiments import sft  # pylint: disable=g-import-not-at-top
 
@@ -51,6 +52,7 @@ VARIANTS = {
     "diffusion_lm_tiny": [None],
     "mdlm_demo": [()],
     "mdlm_tiny": [None, "char"],
+    "reversal": [m + sft for m in reversal.MODELS for sft in ("", ",sft")],
     "sft": [",".join(v) for v in itertools.product(sft.FAMILIES, sft.TASKS)],
     "seq2seq": [",".join(v) for v in itertools.product(seq2seq.FAMILIES, seq2seq.TASKS, seq2seq.SIZES)],
     "udlm_tiny": [None],
