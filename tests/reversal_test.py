@@ -52,6 +52,13 @@ def test_exact_match_compares_whole_answers():
   assert result.summary()["exact_match"] == pytest.approx(0.6667)
 
 
+def test_a_zero_shot_canvas_may_go_on_after_the_document():
+  outputs = ("a b. c", "a b.", "a b.c", "a b", "x a b.")
+  result = reversal.Completions("forward", "zero_shot", outputs, ("a b.",) * len(outputs))
+  assert result.exact_match == pytest.approx(2 / 5)  # a canvas goes on after a space, never inside a word
+  assert reversal.Completions("forward", "instruction", outputs[:1], ("a b.",)).exact_match == 0.0
+
+
 def test_reversal_configs_evaluate_documents_that_fine_tuning_never_asked_about():
   pretraining = reversal_runs.get_config("mdlm")
   fine_tuning = reversal_runs.get_config("mdlm,sft")
