@@ -5,6 +5,7 @@ setuptools.setup(
     name="ddlm_jax",
     version="0.1.0",
     description="Train, sample and evaluate diffusion language models in JAX.",
+    url="https://github.com/ddlm-jax/ddlm_jax",
     packages=setuptools.find_packages(include=["ddlm_jax", "ddlm_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
