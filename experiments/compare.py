@@ -28,6 +28,9 @@ FAMILIES = {
 }
 DATASETS = ("embedded", "shakespeare")
 SIZES = ("cpu", "base")
+# The memory per device a 'base' config must fit (a v4 or v5e TPU core's 16 GiB), on a mesh of 8 devices:
+# benchmarks/compile_check.py and tests/compile_check_test.py check it with `ddlm_jax.compile_check`.
+BASE_MEMORY_GIB = 16.0
 
 
 def get_config(variant: str = "mdlm"):
@@ -53,4 +56,5 @@ def get_config(variant: str = "mdlm"):
     config.model.update(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, dtype="bfloat16")
     config.train.update(batch_size=256, num_steps=100_000, learning_rate=3e-4, warmup_steps=2_000,
                         ema_decay=0.9999, eval_every=5_000, checkpoint_every=2_000)
+    config.eval.batch_size = 128  # splits over 8 devices
   return config
