@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 from flax import nnx
 
 from ddlm_jax import checkpoint
@@ -15,6 +14,7 @@ from ddlm_jax import config as config_lib
 from ddlm_jax import evaluate
 from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import guidance
+from ddlm_jax import progress
 from ddlm_jax import samplers
 from ddlm_jax import sharding
 from ddlm_jax.data import datasets
@@ -60,6 +60,8 @@ class Pipeline:
     params_name: which parameters these are, 'EMA' (the run's average) or 'raw'.
     provenance: the run this one started from (`config.init_from`, see `warm_start`), and that run's
       in turn; {} for a run trained from scratch.
+    mesh: the device mesh the parameters lie on; the sampler's and the bound's outputs are replicated
+      over it, so that every process of a multi-process run reads them (None: wherever JAX puts them).
   """
   graphdef: nnx.GraphDef
   params: Any
@@ -69,6 +71,7 @@ class Pipeline:
   config: ml_collections.ConfigDict
   params_name: str = "raw"
   provenance: dict = dataclasses.field(default_factory=dict)
+  mesh: jax.sharding.Mesh | None = None
 
   def __post_init__(self):
     self._pairs = self.config.data.task != "lm"
@@ -80,7 +83,7 @@ class Pipeline:
     """The jitted bound (every step of it summed with `exact_time_sum`), built once per kind."""
     if exact_time_sum not in self._nelbo_fns:
       self._nelbo_fns[exact_time_sum] = experiment_lib.make_nelbo_fn(
-          self.graphdef, self.process, exact_time_sum=exact_time_sum, pairs=self._pairs)
+          self.graphdef, self.process, self.mesh, exact_time_sum=exact_time_sum, pairs=self._pairs)
     return self._nelbo_fns[exact_time_sum]
 
   def _sampler(self, sampler_config: config_lib.DecodingConfig, prefill_length: int, pad_after_eos: bool,
@@ -106,7 +109,7 @@ class Pipeline:
           self.graphdef, params, self.process, sampler_config, fixed_tokens_BL, fixed_BL, key, row_ids_B=row_ids_B,
           condition_BL=condition_BL, null_id=self.tokenizer.pad_id, guide_fn=_join_guide(guide_arrays, guide_static),
           prefill_length=prefill_length, drafter=drafter_fn, on_window=on_window, **special_ids)
-    self._samplers[name] = jax.jit(run)
+    self._samplers[name] = jax.jit(run, out_shardings=None if self.mesh is None else sharding.replicated(self.mesh))
     return self._samplers[name]
 
   def _window_done(self, windows_done: np.ndarray, canvas_BL: np.ndarray) -> None:
@@ -130,13 +133,12 @@ class Pipeline:
     tokens, trajectories = [], []
     batch_starts = range(0, num_rows, batch_size)
     windows = fixed_NL.shape[1] // sampler_config.block_size if stream is not None else 0
-    progress = tqdm.tqdm(total=len(batch_starts) * max(windows, 1), desc="generate", unit="window" if windows else "batch",
-                         disable=len(batch_starts) * max(windows, 1) < 2, dynamic_ncols=True)
+    bar = _progress_bar(len(batch_starts) * max(windows, 1), "generate", "window" if windows else "batch")
     for batch, start in enumerate(batch_starts):
       rows = np.arange(start, min(start + batch_size, num_rows))
 
       def on_window(windows_done, canvas_BL, batch=batch, start=start, rows=rows):
-        progress.update(batch * windows + windows_done - progress.n)
+        bar.update(batch * windows + windows_done - bar.n)
         end = windows_done * sampler_config.block_size
         stream(start, [self.tokenizer.decode(row[:end]) for row in canvas_BL[:len(rows)].tolist()])
       self._window_listener = on_window if stream is not None else None
@@ -149,9 +151,9 @@ class Pipeline:
       tokens.append(np.asarray(tokens_BL)[:len(rows)])
       if record:
         trajectories.append(np.asarray(trajectory_SBL)[:, :len(rows)])
-      progress.update((batch + 1) * max(windows, 1) - progress.n)  # rows done early skip windows
+      bar.update((batch + 1) * max(windows, 1) - bar.n)  # rows done early skip windows
     self._window_listener = None
-    progress.close()
+    bar.close()
     tokens_NL = np.concatenate(tokens)
     return (tokens_NL, np.concatenate(trajectories, axis=1)) if record else tokens_NL
 
@@ -425,9 +427,25 @@ class Pipeline:
                                   rows=eval_config.rows if rows is None else rows)
 
 
-def load(workdir: str, step: int | None = None, use_ema: bool = True) -> Pipeline:
+def _progress_bar(total: int, desc: str, unit: str):
+  """`progress.bar` over `total` units of a long call: shown by process 0 when there are several."""
+  return progress.bar(total, desc, unit, disable=total < 2 or jax.process_index() != 0)
+
+
+def default_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """Where `load` puts the parameters: one device in a single-process run; in a multi-process run
+  (after `sharding.init_distributed`), the run's mesh (`config.mesh`) over every process's devices,
+  since each process reads only what lies on its own devices."""
+  if jax.process_count() == 1:
+    return sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+  return sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()))
+
+
+def load(workdir: str, step: int | None = None, use_ema: bool = True, mesh: jax.sharding.Mesh | None = None) -> Pipeline:
   """The model saved in `workdir` (its latest checkpoint unless `step` is given): only its
-  parameters are read, the EMA of them if `use_ema` and the run kept one."""
+  parameters are read, the EMA of them if `use_ema` and the run kept one, onto `mesh` (default:
+  `default_mesh`). In a multi-process run every process calls it, and then makes the same calls
+  of the Pipeline: each one's outputs are the whole result."""
   manager = checkpoint.make_manager(workdir, read_only=True)
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -437,11 +455,11 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True) -> Pipelin
   tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
   experiment = experiment_lib.make_experiment(config, tokenizer.vocab_size,
                                               experiment_lib.load_neighbor_graph(workdir))
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+  mesh = default_mesh(config) if mesh is None else mesh
   graphdef, params, shardings = experiment_lib.abstract_params(experiment.model, mesh)
   ema = use_ema and config.train.ema_decay > 0
   params = checkpoint.restore_params(manager, step, "ema_params" if ema else "params",
                                      sharding.abstract(params, shardings))
   return Pipeline(graphdef=graphdef, params=params, tokenizer=tokenizer, process=experiment.process,
                   seq_len=experiment.data.seq_len, config=config, params_name="EMA" if ema else "raw",
-                  provenance=checkpoint.read_provenance(manager, step))
+                  provenance=checkpoint.read_provenance(manager, step), mesh=mesh)

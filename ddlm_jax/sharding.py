@@ -14,6 +14,8 @@ Typical use:
 """
 import dataclasses
 import math
+import os
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,10 +166,58 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, jax.P())
 
 
-def init_distributed(multi_process: bool) -> None:
-  """Joins the multi-process JAX runtime; a no-op for single-process runs."""
-  if multi_process:
-    jax.distributed.initialize()
+# Where a process finds its coordinator, process count and id when no flag gives them (JAX itself reads
+# the first; on a TPU pod, Slurm or Open MPI, jax.distributed.initialize detects all three).
+PROCESS_GROUP_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+                     "process_id": "JAX_PROCESS_ID"}
+LAUNCH_HINT = ("pass --coordinator_address=HOST:PORT (process 0's machine and a free port) --num_processes=N "
+               "--process_id=I to every process (or set " + ", ".join(PROCESS_GROUP_ENV.values()) +
+               "); on a TPU pod, Slurm or Open MPI all three are detected")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroup:
+  """The processes of a multi-process run; None: taken from the environment or detected by JAX."""
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  @classmethod
+  def from_environment(cls, environ: Mapping[str, str] = os.environ, **given) -> "ProcessGroup":
+    """The `given` settings (None: unset), each unset one read from PROCESS_GROUP_ENV in `environ`."""
+    values = {}
+    for name, variable in PROCESS_GROUP_ENV.items():
+      value = given.get(name)
+      if value is None and environ.get(variable):
+        value = environ[variable]
+        if name != "coordinator_address":
+          try:
+            value = int(value)
+          except ValueError:
+            raise ValueError(f"{variable}={value!r} is not an integer") from None
+      values[name] = value
+    return cls(**values)
+
+  @property
+  def is_set(self) -> bool:
+    return any(value is not None for value in dataclasses.astuple(self))
+
+
+def init_distributed(multi_process: bool, group: ProcessGroup = ProcessGroup()) -> None:
+  """Joins the multi-process JAX runtime when `multi_process` or `group` says so; a no-op for a
+  single-process run and once joined. Call it before anything else uses JAX. CPU processes talk
+  through gloo (loopback on one machine).
+
+  Raises:
+    ValueError: the processes cannot be found (no coordinator, count or id given nor detected).
+  """
+  if jax.distributed.is_initialized() or not (multi_process or group.is_set):
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(group.coordinator_address, group.num_processes, group.process_id)
+  except (ValueError, TypeError) as error:  # JAX's own: "coordinator_address should be defined." and the like
+    raise ValueError(f"a multi-process run cannot find its processes ({error}): {LAUNCH_HINT}") from None
 
 
 def create_sharded_model(
