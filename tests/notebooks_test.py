@@ -1,0 +1,66 @@
+"""The Colab notebooks: each runs end to end on tiny settings (DDLM_NOTEBOOK_TINY=1) in a Jupyter
+kernel, as Colab would run it, and is stored with its outputs stripped and an "Open in Colab" link."""
+import glob
+import os
+import sys
+import time
+
+import nbclient
+import nbformat
+import pytest
+from jupyter_client import kernelspec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
+NAMES = [os.path.splitext(os.path.basename(path))[0] for path in NOTEBOOKS]
+COLAB_LINK = "https://colab.research.google.com/github/ddlm-jax/ddlm_jax/blob/main/colab/{name}.ipynb"
+SECONDS_PER_CELL = 300
+
+
+def read(name: str) -> nbformat.NotebookNode:
+  return nbformat.read(os.path.join(ROOT, "colab", f"{name}.ipynb"), as_version=4)
+
+
+@pytest.fixture(scope="module")
+def kernel_environment(tmp_path_factory) -> dict[str, str]:
+  """The kernels' environment: tiny settings, this checkout's ddlm_jax first on the path, one CPU
+  device (not the suite's eight fake ones: a notebook runs on whatever devices it finds), and one
+  JAX compilation cache for the module, so that a network the notebooks share (their tiny MDLM
+  and AR models are configured alike) compiles once."""
+  path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+  return {**os.environ, "DDLM_NOTEBOOK_TINY": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": path,
+          "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("compilation_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def test_every_notebook_is_tested():
+  assert set(NAMES) >= {"quickstart", "families", "control", "fast_decoding"}
+
+
+def test_the_kernel_runs_this_python():
+  spec = kernelspec.KernelSpecManager().get_kernel_spec("python3")
+  assert os.path.realpath(spec.argv[0]) == os.path.realpath(sys.executable) or spec.argv[0] in ("python", "python3")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_stripped_with_a_colab_link(name):
+  notebook = read(name)
+  nbformat.validate(notebook)
+  code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+  assert all(not cell.outputs and cell.execution_count is None for cell in code_cells), "strip the outputs"
+  assert COLAB_LINK.format(name=name) in notebook.cells[0].source
+  first = code_cells[0].source
+  assert "git+https://github.com/ddlm-jax/ddlm_jax" in first and 'find_spec("ddlm_jax")' in first
+  assert "DDLM_NOTEBOOK_TINY" in first
+  assert not any("/work/" in cell.source or "../shared" in cell.source for cell in notebook.cells)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_end_to_end_on_tiny_settings(name, tmp_path, kernel_environment):
+  notebook = read(name)
+  client = nbclient.NotebookClient(notebook, timeout=SECONDS_PER_CELL, kernel_name="python3",
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  started = time.perf_counter()
+  client.execute(env=kernel_environment)  # raises CellExecutionError, naming the cell, on any error
+  print(f"{name}: {time.perf_counter() - started:.1f} s")
+  assert os.listdir(tmp_path / "ddlm_workdirs" / "tiny")
