@@ -6,11 +6,21 @@ batch iterator's position), 'identity' (the settings a resumed run must share, s
 order is refused with a clear message), 'config' (the full experiment config, for
 `ddlm_jax.load`) and 'provenance' (the run whose parameters this one started from, `config.init_from`,
 and that run's provenance in turn; empty for a run trained from scratch; absent in older checkpoints). Orbax writes each step to a temporary directory and renames it
-when complete, so a run killed mid-save leaves the previous checkpoint intact.
+when complete, so a run killed mid-save leaves the previous checkpoint intact (and the next
+run's manager removes the unfinished temporary directory).
+
+A step that cannot be read (a file missing, truncated or damaged) raises `UnreadableCheckpoint`;
+`newest_readable` walks back to the newest step that can be, and `set_aside` moves the damaged
+ones out of the checkpoints directory (to `unreadable_checkpoints/`), never deleting them.
+`workdir_lock` keeps a second run from writing into a workdir that a live run holds.
 """
+import contextlib
+import errno
+import fcntl
 import logging
 import os
-from typing import Any
+import socket
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from absl import logging as absl_logging
 import jax
@@ -22,6 +32,25 @@ ITEMS = ("state", "data", "identity", "config", "provenance")
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be used: unreadable, or written by a different model."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+  """A step whose files are missing or damaged (not a readable checkpoint of another run)."""
+
+  def __init__(self, message: str, step: int | None = None, reason: str = ""):
+    super().__init__(message)
+    self.step, self.reason = step, reason
+
+
+class WorkdirInUse(OSError):
+  """Another live run holds the workdir's lock."""
+
+
+LOCK_FILE = "run.lock"
+UNREADABLE_DIR = "unreadable_checkpoints"
+# Errors of a filesystem that has no locks (then a run goes on unlocked, with a warning).
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+T = TypeVar("T")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -42,8 +71,9 @@ def make_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Ch
   if read_only:  # the settings orbax would otherwise override with a warning each
     options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=0, create=False,
                                            read_only=True, enable_async_checkpointing=False)
-  else:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+  else:  # only a run that holds the workdir's lock writes: an orbax temporary directory is a killed save
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
   notice_filter = _ReadOnlyNotice()
   absl_logger = absl_logging.get_absl_logger()
   absl_logger.addFilter(notice_filter)
@@ -91,9 +121,7 @@ def read_json_items(manager: ocp.CheckpointManager, step: int) -> dict:
     restored = manager.restore(step, args=ocp.args.Composite(
         data=ocp.args.JsonRestore(), identity=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
   except Exception as error:  # orbax raises many types for missing or damaged files
-    raise CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be read ({_summary(error)}). "
-                          "Nothing was changed; move that step directory away to resume from an "
-                          "earlier step.") from error
+    raise _unreadable(manager, step, error) from error
   return {name: restored[name] for name in ("data", "identity", "config")}
 
 
@@ -104,8 +132,94 @@ def read_provenance(manager: ocp.CheckpointManager, step: int) -> dict:
   try:
     return manager.restore(step, args=ocp.args.Composite(provenance=ocp.args.JsonRestore()))["provenance"]
   except Exception as error:  # orbax raises many types for damaged files
-    raise CheckpointError(f"the provenance of checkpoint step {step} in {manager.directory} cannot be read "
-                          f"({_summary(error)})") from error
+    raise _unreadable(manager, step, error, "the provenance of ") from error
+
+
+def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception, what: str = "") -> UnreadableCheckpoint:
+  return UnreadableCheckpoint(
+      f"{what}checkpoint step {step} in {manager.directory} cannot be read ({_summary(error)}). Nothing was "
+      "changed; training resumes from the newest step that can be read, and ddlm_jax.load(workdir, step=N) "
+      "reads another step", step, _summary(error))
+
+
+def newest_readable(steps: Sequence[int], read: Callable[[int], T], where: str) -> tuple[int, T, list[int]]:
+  """Tries `read(step)` from the newest of `steps` down until one raises no UnreadableCheckpoint.
+
+  Returns:
+    (that step, what `read` returned, the newer steps that could not be read), each of those
+    reported with a warning. Any other error of `read` (a checkpoint of another run) is raised at
+    once; UnreadableCheckpoint naming every step and why, if none can be read.
+  """
+  unreadable, reasons = [], []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, read(step), unreadable
+    except UnreadableCheckpoint as error:
+      absl_logging.warning("checkpoint step %d in %s cannot be read (%s); trying the step before it", step, where,
+                           error.reason)
+      unreadable.append(step)
+      reasons.append(f"step {step}: {error.reason}")
+  raise UnreadableCheckpoint(f"no checkpoint in {where} can be read ({'; '.join(reasons)}). Nothing was changed; "
+                             "use a new --workdir, or move the damaged step directories away to start afresh")
+
+
+def set_aside(workdir: str, steps: Sequence[int]) -> list[str]:
+  """Moves the step directories of `steps` from the checkpoints directory to
+  workdir/unreadable_checkpoints/ (a later save of the same step could not be written past them),
+  with a warning each; returns where they went."""
+  moved = []
+  for step in steps:
+    source = os.path.join(checkpoint_dir(workdir), str(step))
+    target = os.path.join(os.path.abspath(workdir), UNREADABLE_DIR, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(os.path.abspath(workdir), UNREADABLE_DIR, f"{step}.{suffix}")
+      suffix += 1
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(source, target)
+    absl_logging.warning("moved the unreadable checkpoint step %d to %s (kept for inspection; delete it when done)",
+                         step, target)
+    moved.append(target)
+  return moved
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds the workdir's lock (flock on workdir/run.lock, which names this process) while a run
+  writes there; WorkdirInUse naming the holder if another live process holds it.
+
+  The kernel releases the lock when its process ends, however it ends, so the file of a killed
+  run never blocks the next; the file is removed when the lock is released.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that is just starting"
+      os.close(fd)
+      raise WorkdirInUse(f"the workdir {os.path.abspath(workdir)} is in use by another run ({holder}, which holds "
+                         f"{path}); wait for it to end or stop it, or use another --workdir. Nothing was changed.")
+    except OSError as error:
+      os.close(fd)
+      if error.errno not in NO_LOCKS:
+        raise
+      absl_logging.warning("the filesystem of %s has no file locks: nothing stops a second run from writing there",
+                           workdir)
+      yield
+      return
+    if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+      break
+    os.close(fd)  # the previous holder removed the file while this one opened it: lock the new file
+  os.ftruncate(fd, 0)
+  os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+  try:
+    yield
+  finally:
+    os.unlink(path)
+    os.close(fd)
 
 
 def check_identity(saved: dict, current: dict, where: str) -> None:
@@ -154,7 +268,5 @@ def _restore(manager: ocp.CheckpointManager, step: int, state_args: Any) -> Any:
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=state_args))
   except Exception as error:  # orbax raises many types for missing or damaged files
-    raise CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be restored ({_summary(error)}). "
-                          "Nothing was changed; move that step directory away to resume from an "
-                          "earlier step.") from error
+    raise _unreadable(manager, step, error) from error
   return restored["state"]

@@ -41,6 +41,7 @@ NUMERIC_RANGES = {
     "train.eval_every": (1, math.inf, False, True),
     "train.checkpoint_every": (1, math.inf, False, True),
     "train.keep_checkpoints": (1, math.inf, False, True),
+    "train.sample_every": (0, math.inf, False, True),
     "eval.batch_size": (1, math.inf, False, True),
     "eval.elbo_samples": (2, math.inf, False, True),  # two draws at least, for a standard error
     "eval.max_docs": (1, math.inf, False, True),
@@ -126,6 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=500,
       checkpoint_every=500,
       keep_checkpoints=3,
+      sample_every=0,            # log config.sample.num_samples samples to TensorBoard every this many steps; 0 = never
       sample_at_end=True,        # the launcher's --mode=train prints config.sample.num_samples samples at the end
       # AR -> diffusion adaptation: over this many first steps the attention of a bidirectional model is annealed
       # from causal (step 0) to bidirectional, each later key visible with probability step / attention_anneal_steps

@@ -5,16 +5,18 @@
 
 is one jitted function with in/out shardings and a donated state. `train_and_evaluate(config,
 workdir)` builds data, mesh, model and optimizer from the config, resumes from the workdir's
-latest checkpoint if there is one, trains with a progress bar, logs to TensorBoard, checkpoints
-(also on SIGTERM), and ends with a held-out evaluation and a few samples.
+newest readable checkpoint if there is one, trains with a progress bar, logs to TensorBoard, checkpoints
+(also on SIGTERM and SIGINT), and ends with a held-out evaluation.
 """
+import contextlib
 import functools
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
+from absl import logging as absl_logging
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -23,13 +25,17 @@ import ml_collections
 import numpy as np
 import optax
 import tensorboardX
-import tqdm
+from tensorboardX import event_file_writer
+from tensorboardX.proto import event_pb2
+from tensorboardX.proto import summary_pb2
 from flax import nnx
 
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
 from ddlm_jax import evaluate
 from ddlm_jax import experiment as experiment_lib
+from ddlm_jax import pipeline as pipeline_lib
+from ddlm_jax import progress
 from ddlm_jax import sharding
 from ddlm_jax import warm_start
 from ddlm_jax.data import datasets
@@ -195,25 +201,30 @@ class TrainingClock:
 
 
 # Why a run stops early, least urgent first: processes that disagree act on the most urgent reason.
-STOP_REASONS = (None, "time limit", "SIGTERM")
+STOP_REASONS = (None, "time limit", "SIGINT", "SIGTERM")
+# The reasons after which train_and_evaluate saves and returns at once, without its final evaluation.
+SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
 # Steps between the processes' exchanges of their stop reasons (multi-process runs only).
 STOP_AGREEMENT_EVERY = 10
 
 
 class _StopRequest:
-  """This process's reason to stop: SIGTERM (this object is the signal handler) or its time limit."""
+  """This process's reason to stop: SIGTERM or SIGINT (this object is their handler; a second
+  SIGINT interrupts at once) or its time limit."""
 
   def __init__(self, time_limit_minutes: float):
-    self.sigterm = False
+    self.signal_name: str | None = None
     self.deadline = time.perf_counter() + 60 * time_limit_minutes if time_limit_minutes > 0 else None
 
   def __call__(self, signum, frame):
-    del signum, frame
-    self.sigterm = True
+    del frame
+    if signum == signal.SIGINT and self.signal_name == "SIGINT":
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
 
   def local_reason(self) -> str | None:
-    if self.sigterm:
-      return "SIGTERM"
+    if self.signal_name:
+      return self.signal_name
     if self.deadline is not None and time.perf_counter() > self.deadline:
       return "time limit"
     return None
@@ -236,29 +247,77 @@ def agreed_stop_reason(local_reason: str | None, step: int, process_count: int,
   return STOP_REASONS[int(np.max(codes))]
 
 
+@contextlib.contextmanager
+def handling_signals(handler: Callable) -> Iterator[None]:
+  """`handler` handles SIGTERM and SIGINT inside the block, in the main thread (Python delivers
+  signals to no other); the previous handlers are restored on leaving it."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {number: signal.signal(number, handler) for number in SIGNALS.values()}
+  try:
+    yield
+  finally:
+    for number, old in previous.items():
+      signal.signal(number, old)
+
+
+def lock_workdir(workdir: str, stack: contextlib.ExitStack) -> None:
+  """Process 0 takes the workdir's lock (`checkpoint.workdir_lock`) until `stack` closes; every
+  process raises WorkdirInUse if it could not."""
+  refusal = None
+  if jax.process_index() == 0:
+    try:
+      stack.enter_context(checkpoint.workdir_lock(workdir))
+    except checkpoint.WorkdirInUse as error:
+      refusal = error
+  if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(refusal is None)):
+    refusal = refusal or checkpoint.WorkdirInUse(f"process 0 found the workdir {workdir} in use by another run")
+  if refusal:
+    raise refusal
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the experiment in `workdir`, then evaluates.
 
+  The workdir is locked while the run writes there: another run on it raises
+  `checkpoint.WorkdirInUse`. A run resumes from the newest checkpoint that can be read: newer steps
+  that cannot (damaged or missing files) are reported and moved to workdir/unreadable_checkpoints/.
   Every evaluation, during training and at the end, is of `evaluated_params` (the EMA when
-  config.train.ema_decay > 0, else the raw parameters). SIGTERM or the time limit saves and stops;
-  after SIGTERM nothing is evaluated.
+  config.train.ema_decay > 0, else the raw parameters). SIGTERM, SIGINT (Ctrl-C; a second one
+  interrupts at once) or the time limit saves and stops; after a signal nothing is evaluated.
+  TensorBoard events go to workdir/tensorboard (`EventLog`), on disk at each write.
 
   Returns:
     A summary: final step, which parameters were evaluated ('EMA' or 'raw'), held-out bits per
     token with its standard error, the generator's exact bits per token on the same documents
     (embedded corpus), the tokens/s of this run's training (`TrainingClock`) and, for a run started from
-    another (`config.init_from`, see `warm_start`), where it came from; {'step', 'stopped': 'SIGTERM'} after SIGTERM.
+    another (`config.init_from`, see `warm_start`), where it came from. After a signal only
+    {'step': the step saved, 'stopped': 'SIGTERM' or 'SIGINT'}.
   """
   config_lib.validate(config)
   sharding.init_distributed(config.multi_process)
-  train_cfg = config.train
   mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()))
   check_batch_sizes(config, mesh)
+  with contextlib.ExitStack() as stack:
+    lock_workdir(workdir, stack)
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """`train_and_evaluate` in a workdir that this run holds."""
+  train_cfg = config.train
   identity = config_lib.run_identity(config)
-  latest = checkpoint.latest_step(workdir)
-  if latest is not None:
-    saved = checkpoint.read_json_items(checkpoint.make_manager(workdir, read_only=True), latest)
-    checkpoint.check_identity(config_lib.saved_run_identity(saved["identity"], identity), identity, workdir)
+  reader = checkpoint.make_manager(workdir, read_only=True) if checkpoint.latest_step(workdir) is not None else None
+  latest, saved, unreadable = None, None, []
+  if reader is not None:  # the identity of the newest readable step is checked before anything is written
+
+    def read_identity(step):
+      items = checkpoint.read_json_items(reader, step)
+      checkpoint.check_identity(config_lib.saved_run_identity(items["identity"], identity), identity, workdir)
+      return items
+
+    latest, saved, unreadable = checkpoint.newest_readable(reader.all_steps(), read_identity, reader.directory)
     saved_num_steps = saved["config"]["train"]["num_steps"]
     if saved_num_steps != train_cfg.num_steps and jax.process_index() == 0:
       print(f"config.train.num_steps is {train_cfg.num_steps}, the checkpoint's run had {saved_num_steps}: "
@@ -272,7 +331,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data = datasets.load_data(config_lib.data_config(config), workdir,
                             tokenizer=None if init_source is None else init_source.tokenizer)
   check_eval_rows(data, config)
-  manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
   tokenizer = data.tokenizer
   graph = experiment_lib.build_neighbor_graph(config, data.train_rows, tokenizer.vocab_size, workdir)
   experiment = experiment_lib.make_experiment(config, tokenizer.vocab_size, graph)
@@ -282,10 +340,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   provenance = {}
   if latest is not None:
-    graphdef, state, shardings = init_state(experiment, config, mesh, optimizer)
-    state = checkpoint.restore_state(manager, latest, sharding.abstract(state, shardings))
+    graphdef, abstract, shardings = abstract_state(experiment, config, mesh, optimizer)
+
+    def restore(step):
+      items = saved if step == latest else read_identity(step)
+      return items, checkpoint.restore_state(reader, step, abstract), checkpoint.read_provenance(reader, step)
+
+    latest, (saved, state, provenance), older_unreadable = checkpoint.newest_readable(
+        [step for step in reader.all_steps() if step <= latest], restore, reader.directory)
     batches.set_state(saved["data"])
-    provenance = checkpoint.read_provenance(manager, latest)
+    unreadable += older_unreadable
+    if unreadable:  # moved out of the way of the steps this run saves again
+      multihost_utils.sync_global_devices("read the checkpoints")
+      if jax.process_index() == 0:
+        checkpoint.set_aside(workdir, unreadable)
+      multihost_utils.sync_global_devices("set aside the unreadable checkpoints")
     print(f"Resumed from step {latest} in {workdir}", flush=True)
   elif init_source is not None:
     graphdef, state, shardings = init_state(experiment, config, mesh, optimizer,
@@ -295,6 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"(process {provenance['process']!r})", flush=True)
   else:
     graphdef, state, shardings = init_state(experiment, config, mesh, optimizer)
+  manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
 
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = make_train_step(experiment, graphdef, optimizer, mesh, shardings, ema_decay=train_cfg.ema_decay,
@@ -308,6 +378,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch_size=config.eval.batch_size, max_rows=config.eval.max_docs, seed=config.seed,
       batch_sharding=batch_sharding, exact=experiment.process.exact_likelihood,
       exact_time_sum=config.eval.exact_time_sum, rows=config.eval.rows)
+  learning_rate = experiment_lib.learning_rate_schedule(train_cfg)
+  sample_model = pipeline_lib.Pipeline(graphdef=graphdef, params=None, tokenizer=tokenizer, process=experiment.process,
+                                       seq_len=experiment.data.seq_len, config=config)
 
   params_name = "raw" if train_cfg.ema_decay == 0 else "EMA"
 
@@ -315,66 +388,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoint.save(manager, step, state, batches.get_state(), identity, config.to_dict(), provenance)
 
   stop = _StopRequest(train_cfg.time_limit_minutes)
-  in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
-  previous_handler = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
-  writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   start_step = int(state.step)
   tokens_per_step = train_cfg.batch_size * experiment.data.seq_len
   clock = TrainingClock()
   stop_reason = None
   metrics = None
-  progress = tqdm.tqdm(total=train_cfg.num_steps, initial=start_step, desc="train", unit="step",
-                       disable=jax.process_index() != 0, dynamic_ncols=True)
-  try:
-    for step in range(start_step, train_cfg.num_steps):
-      batch_BL = jax.make_array_from_process_local_data(batch_sharding, next(batches))
-      previous_metrics = metrics
-      state, metrics = step_fn(state, batch_BL, key)
-      clock.start(step)  # after the call returns, so a first step's compilation is left out
-      # At most two steps in flight: on a CPU with several devices, a long queue of dispatched
-      # steps let device threads wait at a collective for devices whose work was queued behind.
-      jax.block_until_ready(previous_metrics)
-      progress.update(1)
-      done = step + 1
-      stop_reason = agreed_stop_reason(stop.local_reason(), done, jax.process_count(),
-                                       multihost_utils.process_allgather)
-      if done % train_cfg.log_every == 0 or done == train_cfg.num_steps:
-        metrics = jax.device_get(metrics)
-        tokens_per_second = clock.lap(done) * tokens_per_step
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
-        if writer:
-          for name, value in {**metrics, "tokens_per_second": tokens_per_second}.items():
-            writer.add_scalar(f"train/{name}", float(value), done)
-        if not all(np.isfinite(value) for value in metrics.values()):
-          raise FloatingPointError(f"training diverged at step {done}: {metrics}; the last good "
-                                   f"checkpoint (step {manager.latest_step()}) is kept")
-      if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
-        clock.stop(done, metrics)
-        result = evaluate_params(evaluated_params(state))
-        progress.write(f"step {done}: held-out {result.bits_per_token:.3f} ± {result.stderr:.3f} bits/token "
-                       f"({params_name} parameters)")
-        if writer:
-          writer.add_scalar("eval/bits_per_token", result.bits_per_token, done)
-      if done % train_cfg.checkpoint_every == 0 or stop_reason:
-        clock.stop(done, metrics)
-        save(done)
-      if stop_reason:
-        progress.write(f"stopping at step {done} ({stop_reason})")
-        break
-    final_step = int(state.step)
-    clock.stop(final_step)
-    if manager.latest_step() != final_step:
-      save(final_step)
-  finally:
-    progress.close()
-    if in_main_thread:
-      signal.signal(signal.SIGTERM, previous_handler)
-    if writer:
-      writer.close()
-  if stop_reason == "SIGTERM":
-    return {"step": final_step, "stopped": stop_reason}
-
-  result = evaluate_params(evaluated_params(state))
+  sample_every = train_cfg.sample_every if jax.process_count() == 1 else 0
+  if train_cfg.sample_every and not sample_every:
+    absl_logging.warning("config.train.sample_every: samples are logged by single-process runs only")
+  with contextlib.ExitStack() as cleanup:
+    log = EventLog(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
+    if log:
+      cleanup.callback(log.close)
+    bar = progress.bar(train_cfg.num_steps, "train", "step", initial=start_step, disable=jax.process_index() != 0)
+    cleanup.callback(bar.close)
+    with handling_signals(stop):
+      for step in range(start_step, train_cfg.num_steps):
+        batch_BL = jax.make_array_from_process_local_data(batch_sharding, next(batches))
+        previous_metrics = metrics
+        state, metrics = step_fn(state, batch_BL, key)
+        clock.start(step)  # after the call returns, so a first step's compilation is left out
+        # At most two steps in flight: on a CPU with several devices, a long queue of dispatched
+        # steps let device threads wait at a collective for devices whose work was queued behind.
+        jax.block_until_ready(previous_metrics)
+        bar.update(1)
+        done = step + 1
+        stop_reason = agreed_stop_reason(stop.local_reason(), done, jax.process_count(),
+                                         multihost_utils.process_allgather)
+        if done % train_cfg.log_every == 0 or done == train_cfg.num_steps:
+          metrics = jax.device_get(metrics)
+          tokens_per_second = clock.lap(done) * tokens_per_step
+          bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+          if log:
+            log.scalars(done, {**metrics, "tokens_per_second": tokens_per_second,
+                               "learning_rate": learning_rate(done - 1)})
+          if not all(np.isfinite(value) for value in metrics.values()):
+            raise FloatingPointError(f"training diverged at step {done}: {metrics}; the last good "
+                                     f"checkpoint (step {manager.latest_step()}) is kept")
+        if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
+          clock.stop(done, metrics)
+          result = evaluate_params(evaluated_params(state))
+          bar.write(f"step {done}: held-out {result.bits_per_token:.3f} ± {result.stderr:.3f} bits/token "
+                    f"({params_name} parameters)")
+          if log:
+            log.scalars(done, evaluation_scalars(result))
+        if sample_every and done % sample_every == 0:
+          clock.stop(done, metrics)
+          sample_model.params = evaluated_params(state)
+          texts = sample_texts(sample_model, config, data.eval_sources)
+          if log:
+            log.text(done, "samples", samples_markdown(texts))
+        if done % train_cfg.checkpoint_every == 0 or stop_reason:
+          clock.stop(done, metrics)
+          save(done)
+        if stop_reason:
+          bar.write(f"stopping at step {done} ({stop_reason})")
+          break
+      final_step = int(state.step)
+      clock.stop(final_step)
+      if manager.latest_step() != final_step:
+        save(final_step)
+    bar.close()
+    if stop_reason in SIGNALS:
+      return {"step": final_step, "stopped": stop_reason}
+    result = evaluate_params(evaluated_params(state))
+    if log:
+      log.scalars(final_step, evaluation_scalars(result))
   if jax.process_index() == 0:
     print(f"{params_name} parameters, {result.describe()}", flush=True)
     if experiment.data.source == "embedded" and experiment.data.task == "lm":
@@ -385,6 +464,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if provenance:
     summary["init_from"] = provenance
   return summary
+
+
+class EventLog:
+  """A run's TensorBoard events (workdir/tensorboard), each write on disk before it returns, so a
+  killed run loses nothing it logged (tensorboardX's SummaryWriter queues writes in a thread).
+
+    log = EventLog(os.path.join(workdir, "tensorboard"))
+    log.scalars(step, {"train/loss": 2.3}); log.text(step, "samples", "1. `...`"); log.close()
+  """
+
+  def __init__(self, logdir: str):
+    os.makedirs(logdir, exist_ok=True)
+    self._writer = event_file_writer.EventsWriter(os.path.join(logdir, "events"))
+
+  def scalars(self, step: int, values: dict[str, Any]) -> None:
+    """Scalars named 'group/name' (a bare name goes to 'train/') at `step`."""
+    summaries = [tensorboardX.summary.scalar(name if "/" in name else f"train/{name}", float(value))
+                 for name, value in values.items()]
+    self._write(step, summary_pb2.Summary(value=[value for summary in summaries for value in summary.value]))
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    """A text summary (markdown) at `step`, shown in TensorBoard's Text tab."""
+    self._write(step, tensorboardX.summary.text(tag, text))
+
+  def _write(self, step: int, summary: summary_pb2.Summary) -> None:
+    self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def evaluation_scalars(result: evaluate.ElboResult) -> dict[str, float]:
+  """The bits of a held-out evaluation (per token, character and document, their standard errors
+  and the generator's) as 'eval/...' scalars."""
+  return {f"eval/{name}": value for name, value in result.summary().items() if "bits" in name}
+
+
+def sample_texts(model: pipeline_lib.Pipeline, config: ml_collections.ConfigDict, sources: Sequence[str]) -> list[str]:
+  """config.sample.num_samples texts from `model` under the config's sample settings: from scratch
+  for a language model, 'source -> target' for the first held-out `sources` of a pair task."""
+  settings = config.sample.to_dict()
+  num_samples = settings.pop("num_samples")
+  if config.data.task == "lm":
+    return model.generate(num_samples=num_samples, seed=config.seed, **settings)
+  sources = list(sources[:num_samples])
+  return [f"{source} -> {target}" for source, target in zip(sources, model.translate(sources, seed=config.seed,
+                                                                                       **settings))]
+
+
+def samples_markdown(texts: Sequence[str]) -> str:
+  """Texts as a numbered markdown list, each as code (TensorBoard's Text tab renders markdown)."""
+  return "\n".join(f"{i}. `{text}`" for i, text in enumerate(texts, 1))
 
 
 def evaluated_params(state: TrainState) -> nnx.State:

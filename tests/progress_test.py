@@ -35,3 +35,28 @@ def test_bar_is_plain_when_stderr_is_a_file(monkeypatch):
   monkeypatch.setattr("sys.stderr", io.StringIO())
   monkeypatch.delitem(__import__("sys").modules, "ipykernel", raising=False)
   assert isinstance(progress.bar(10, "eval", "batch"), progress.PlainProgress)
+
+
+def test_plain_progress_wraps_an_iterable_and_writes_a_line_every_so_many_seconds(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+  stream = io.StringIO()
+
+  def batches():  # no len(): the total is unknown, lines come by time only
+    for batch in range(5):
+      now[0] += 20.0  # each batch takes 20 s
+      yield batch
+
+  bar = progress.PlainProgress(None, "eval", "batch", stream=stream, iterable=batches())
+  assert list(bar) == list(range(5))
+  assert stream.getvalue().splitlines() == ["eval: 2 batchs, 40 s", "eval: 4 batchs, 80 s", "eval: 5 batchs, 100 s"]
+
+
+def test_bar_takes_a_count_or_an_iterable(monkeypatch):
+  monkeypatch.setattr("sys.stderr", io.StringIO())
+  monkeypatch.delitem(__import__("sys").modules, "ipykernel", raising=False)
+  stream = io.StringIO()
+  monkeypatch.setattr("sys.stdout", stream)
+  assert [item * 2 for item in progress.bar(range(3), "double")] == [0, 2, 4]
+  assert stream.getvalue().splitlines() == [f"double: {n}/3 its, 0 s" for n in (1, 2, 3)]
+  assert progress.bar(7, "eval", "batch").total == 7

@@ -222,7 +222,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, trained_workdir):
     for name in names:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"\x00garbage")
-  with pytest.raises(checkpoint.CheckpointError, match="cannot be restored"):
+  with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
     ddlm_jax.load(broken)
 
 
@@ -553,7 +553,7 @@ def test_launcher_reports_a_corrupt_checkpoint_in_one_line(tmp_path, trained_wor
         f.write(b"\x00garbage")
   result = launch(f"--workdir={broken}", "--mode=sample")
   assert result.returncode == 1
-  assert result.stderr.count("\n") <= 2 and "cannot be restored" in result.stderr, result.stderr
+  assert result.stderr.count("\n") <= 2 and "cannot be read" in result.stderr, result.stderr
 
 
 def write_paragraphs(path, word):
