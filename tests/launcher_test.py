@@ -88,8 +88,10 @@ def test_a_single_process_run_never_joins_a_runtime():
   assert not jax.distributed.is_initialized()
 
 
-def test_ctrl_c_exits_130_so_a_scheduler_sees_an_interrupted_run(tmp_path):
-  workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+  """(workdir, exit status, stderr) of a run that Ctrl-C stopped once its step-10 checkpoint was saved."""
+  workdir = str(tmp_path_factory.mktemp("interrupted") / "run")
   process = subprocess.Popen(launcher(f"--workdir={workdir}", *TINY_FLAGS, "--config.train.num_steps=100000",
                                       "--config.train.checkpoint_every=10"),
                              cwd=ROOT, env=one_process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -101,5 +103,32 @@ def test_ctrl_c_exits_130_so_a_scheduler_sees_an_interrupted_run(tmp_path):
     _, stderr = process.communicate(timeout=120)
   finally:
     process.kill()
-  assert process.returncode == 130, stderr[-3000:]
+  return workdir, process.returncode, stderr
+
+
+def test_ctrl_c_exits_130_so_a_scheduler_sees_an_interrupted_run(interrupted):
+  _, status, stderr = interrupted
+  assert status == 130, stderr[-3000:]
   assert "by SIGINT" in stderr and "the same command resumes" in stderr, stderr[-3000:]
+
+
+def test_evaluation_over_several_batches_reports_progress_in_whole_lines(interrupted):
+  workdir, _, _ = interrupted
+  result = run(f"--workdir={workdir}", *TINY_FLAGS, "--mode=eval", "--config.eval.max_docs=16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [line for line in result.stdout.splitlines() if line.startswith("evaluate: ")]
+  assert lines and lines[-1].startswith("evaluate: 4/4 "), result.stdout  # 2 batches of 8 rows, 2 draws each
+  assert "\r" not in result.stdout + result.stderr
+
+
+def test_sampling_and_scoring_show_progress_only_over_several_batches(interrupted, capsys):
+  from ddlm_jax import pipeline  # pylint: disable=g-import-not-at-top
+  model = pipeline.load(interrupted[0])
+  model.generate(num_samples=3, batch_size=2, steps=2)
+  model.score(["a cat", "the dog", "a bird"], batch_size=2, num_samples=2)
+  shown = capsys.readouterr().out.splitlines()
+  assert shown[-1].startswith("score: 4/4 "), shown  # 2 batches, 2 draws each
+  assert any(line.startswith("generate: 2/2 ") for line in shown), shown
+  model.generate(num_samples=2, steps=2)
+  model.score(["a cat"], num_samples=2)
+  assert not capsys.readouterr().out
