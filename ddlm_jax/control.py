@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ddlm_jax import progress
 from ddlm_jax.networks import classifier
 from ddlm_jax.processes import gaussian
 
@@ -36,7 +37,7 @@ def train_classifier(process: gaussian.GaussianDiffusion, embeddings_VD: jax.Arr
     rows_NL: int32[N, L] token rows.
     labels_NA: int32[N, A], class of each attribute; -1 where unknown (not scored).
     config: the classifier's sizes (config.num_classes has A entries).
-    num_steps, batch_size, learning_rate, seed: Adam training.
+    num_steps, batch_size, learning_rate, seed: Adam training (with a progress bar).
 
   Returns:
     (graphdef, params) of the classifier.
@@ -64,9 +65,14 @@ def train_classifier(process: gaussian.GaussianDiffusion, embeddings_VD: jax.Arr
   opt_state = optimizer.init(params)
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
+  bar = progress.bar(num_steps, "classifier", "step")
   for i in range(num_steps):
     batch = rng.integers(0, len(rows_NL), batch_size)
+    previous = params
     params, opt_state = step(params, opt_state, rows_NL[batch], labels_NA[batch], jax.random.fold_in(key, i))
+    jax.block_until_ready(previous)  # at most two steps in flight, so the bar counts steps done
+    bar.update(1)
+  bar.close()
   return graphdef, params
 
 

@@ -30,6 +30,8 @@ import jax
 import numpy as np
 import sacrebleu
 
+from ddlm_jax import progress
+
 LN2 = float(np.log(2.0))
 # How `held_out_elbo` picks its rows of the held-out split: evenly spread over it, or the first ones.
 ROW_SELECTIONS = ("spread", "first")
@@ -198,7 +200,9 @@ def elbo(nelbo_fn: NelboFn, params: Any, rows_NL: np.ndarray, num_tokens_N: np.n
   pad = lambda x_NL: np.concatenate([x_NL, np.repeat(x_NL[-1:], padded - num_rows, axis=0)])
   rows_PL, inputs_PL = pad(rows_NL), [pad(np.asarray(inputs_NL)) for inputs_NL in row_inputs]
   key = jax.random.key(seed)
-  nats = []  # device arrays, fetched once at the end so the calls run back to back
+  num_calls = num_samples * (padded // batch_size)
+  bar = progress.bar(num_calls, "evaluate", "call", disable=num_calls < 2 or jax.process_index() != 0)
+  nats = []  # device arrays, fetched once at the end
   for sample in range(num_samples):
     for start in range(0, padded, batch_size):
       batch = [x_PL[start:start + batch_size] for x_PL in (rows_PL, *inputs_PL)]
@@ -207,7 +211,12 @@ def elbo(nelbo_fn: NelboFn, params: Any, rows_NL: np.ndarray, num_tokens_N: np.n
       batch_BL, *inputs_BL = batch
       nats.append(nelbo_fn(params, batch_BL, jax.random.fold_in(jax.random.fold_in(key, sample), start),
                            *inputs_BL))
+      if len(nats) > 1:  # one call queued behind the running one: the bar counts finished calls
+        jax.block_until_ready(nats[-2])
+        bar.update(1)
   nats_KN = np.asarray(jax.device_get(nats), np.float64).reshape(num_samples, padded)[:, :num_rows]
+  bar.update(1)
+  bar.close()
   tokens_N = np.asarray(num_tokens_N)
   mean_nats_N = nats_KN.mean(0)
   total_variance = 0.0 if exact else (nats_KN.var(0, ddof=1) / num_samples).sum()

@@ -1,14 +1,24 @@
 """The Colab notebooks: each runs end to end on tiny settings (DDLM_NOTEBOOK_TINY=1) in a Jupyter
-kernel, as Colab would run it, and is stored with its outputs stripped and an "Open in Colab" link."""
+kernel, as Colab would run it, and is stored with its outputs stripped and an "Open in Colab" link.
+Their long cells report progress: held-out evaluation and classifier training show a bar (whole
+lines when the output is not a terminal, as here)."""
 import glob
 import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import nbclient
 import nbformat
+import numpy as np
 import pytest
 from jupyter_client import kernelspec
+
+from ddlm_jax import control
+from ddlm_jax import evaluate
+from ddlm_jax.networks import classifier
+from ddlm_jax.processes import gaussian
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
@@ -64,3 +74,19 @@ def test_runs_end_to_end_on_tiny_settings(name, tmp_path, kernel_environment):
   client.execute(env=kernel_environment)  # raises CellExecutionError, naming the cell, on any error
   print(f"{name}: {time.perf_counter() - started:.1f} s")
   assert os.listdir(tmp_path / "ddlm_workdirs" / "tiny")
+
+
+def test_evaluation_reports_each_finished_call(capsys):
+  nelbo_fn = jax.jit(lambda params, rows_BL, key: rows_BL.sum(1).astype(jnp.float32) * params)
+  rows_NL = np.ones((10, 3), np.int32)
+  evaluate.elbo(nelbo_fn, 1.0, rows_NL, np.full(10, 3), num_samples=2, batch_size=2, seed=0)
+  assert capsys.readouterr().out.splitlines()[-1].startswith("evaluate: 10/10 calls")
+
+
+def test_classifier_training_reports_its_steps(capsys):
+  process = gaussian.GaussianDiffusion(vocab_size=8, latent_dim=4)
+  rows_NL = np.arange(32, dtype=np.int32).reshape(8, 4) % 8
+  config = classifier.ClassifierConfig(vocab_size=8, num_classes=(2,), max_len=4, num_layers=1, embed_dim=8, mlp_dim=8)
+  control.train_classifier(process, jax.random.normal(jax.random.key(0), (8, 4)), rows_NL, rows_NL[:, :1] % 2, config,
+                           num_steps=3, batch_size=4)
+  assert capsys.readouterr().out.splitlines()[-1].startswith("classifier: 3/3 steps")
