@@ -1,8 +1,7 @@
 """The user-facing model: `ddlm_jax.load(workdir)` -> Pipeline with generate(), translate() and score()."""
-import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -404,34 +403,9 @@ class Pipeline:
     positions_1L = np.arange(self.seq_len)[None]
     fixed_NL = (positions_1L < starts_N1) | (positions_1L >= ends_N1)
     row_inputs = (fixed_NL,) if padded_documents else (fixed_NL, positions_1L < ends_N1)
-    batch_size = min(batch_size, 1 << (len(texts) - 1).bit_length())
-    with self._counted_batches(self._nelbo_fn(exact_time_sum=False), "score", len(texts), batch_size,
-                               num_samples) as nelbo_fn:
-      return evaluate.elbo(nelbo_fn, self.params, rows_NL, np.array([len(ids) for ids in encoded]),
-                           num_samples=num_samples, batch_size=batch_size, seed=seed,
-                           exact=self.process.exact_likelihood, row_inputs=row_inputs)
-
-  @contextlib.contextmanager
-  def _counted_batches(self, nelbo_fn: evaluate.NelboFn, desc: str, num_rows: int, batch_size: int,
-                       num_samples: int) -> Iterator[evaluate.NelboFn]:
-    """`nelbo_fn` moving a progress bar as each of its calls finishes (at most two in flight), over the
-    calls `evaluate.elbo` makes for `num_rows` rows; shown when the rows take more than one batch."""
-    row_batches = -(-num_rows // batch_size)
-    bar = progress.bar(row_batches * (1 if self.process.exact_likelihood else num_samples), desc, "batch",
-                       disable=row_batches < 2 or jax.process_index() != 0)
-    in_flight = []
-
-    def counted(*args):
-      in_flight.append(nelbo_fn(*args))
-      if len(in_flight) > 1:
-        jax.block_until_ready(in_flight.pop(0))
-        bar.update(1)
-      return in_flight[-1]
-    try:
-      yield counted
-      bar.update(bar.total - bar.n)  # the last call, fetched by evaluate.elbo
-    finally:
-      bar.close()
+    return evaluate.elbo(self._nelbo_fn(exact_time_sum=False), self.params, rows_NL, np.array([len(ids) for ids in encoded]),
+                         num_samples=num_samples, batch_size=min(batch_size, 1 << (len(texts) - 1).bit_length()),
+                         seed=seed, exact=self.process.exact_likelihood, row_inputs=row_inputs)
 
   def evaluate(self, workdir: str, num_samples: int | None = None, seed: int = 0,
                exact_time_sum: bool | None = None, max_docs: int | None = None,
@@ -445,16 +419,12 @@ class Pipeline:
     data = datasets.load_data(config_lib.data_config(self.config), workdir)
     eval_config = self.config.eval
     exact_time_sum = eval_config.exact_time_sum if exact_time_sum is None else exact_time_sum
-    num_samples, max_docs = num_samples or eval_config.elbo_samples, max_docs or eval_config.max_docs
-    rows = eval_config.rows if rows is None else rows
-    chosen = evaluate.select_rows(len(data.eval_rows), max_docs, rows)  # those held_out_elbo scores
-    num_rows = len(chosen) if data.eval_log_probs is None else int(np.isfinite(data.eval_log_probs[chosen]).sum())
     nelbo_fn = self._nelbo_fn(exact_time_sum)  # the jitted bound that `score` compiled, if it ran
-    with self._counted_batches(nelbo_fn, "evaluate", num_rows, eval_config.batch_size,
-                               num_samples) as nelbo_fn:
-      return evaluate.held_out_elbo(nelbo_fn, self.params, data, num_samples=num_samples,
-                                    batch_size=eval_config.batch_size, max_rows=max_docs, seed=seed,
-                                    exact=self.process.exact_likelihood, exact_time_sum=exact_time_sum, rows=rows)
+    return evaluate.held_out_elbo(nelbo_fn, self.params, data,
+                                  num_samples=num_samples or eval_config.elbo_samples,
+                                  batch_size=eval_config.batch_size, max_rows=max_docs or eval_config.max_docs,
+                                  seed=seed, exact=self.process.exact_likelihood, exact_time_sum=exact_time_sum,
+                                  rows=eval_config.rows if rows is None else rows)
 
 
 def _progress_bar(total: int, desc: str, unit: str):
