@@ -117,8 +117,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   try:
+    config_lib.validate(config)  # before the processes meet: a bad config fails on each at once
     if _MODE.value == "show_config":
-      config_lib.validate(config)
       print(show_config(config))
       return
     group = sharding.ProcessGroup.from_environment(coordinator_address=_COORDINATOR_ADDRESS.value,

@@ -2,6 +2,7 @@
 resolved config, the process flags, and exit statuses that tell a stopped run from a finished one."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +73,19 @@ def test_multi_process_without_a_coordinator_names_the_flags_and_writes_nothing(
   for flag in ("--coordinator_address=HOST:PORT", "--num_processes=N", "--process_id=I", "JAX_COORDINATOR_ADDRESS"):
     assert flag in result.stderr, flag
   assert not workdir.exists()
+
+
+def test_a_bad_config_fails_before_waiting_for_the_other_processes(tmp_path):
+  """Process 1 of two whose coordinator never comes: the config's mistake is reported at once."""
+  result = run(f"--workdir={tmp_path / 'run'}", "--config.train.learning_rate=-1.0",
+               f"--coordinator_address=127.0.0.1:{_closed_port()}", "--num_processes=2", "--process_id=1")
+  assert result.returncode == 1 and "config.train.learning_rate" in result.stderr, result.stderr
+
+
+def _closed_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def test_process_group_takes_flags_over_the_environment():
