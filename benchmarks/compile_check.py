@@ -101,9 +101,9 @@ def main(argv):
       memory_budget_gib=memory_gib, configs={family: dict(experiment=module.__name__, variant=variant, changes=changes)
                                              for family, (module, variant, changes) in BASE_CONFIGS.items()
                                              if family in _FAMILIES.value},
-      note="per device, from the CPU compiler's memory and cost analyses (an accelerator's compiler fuses and "
-           "schedules otherwise: temporaries differ, argument bytes do not); FLOPs count a loop's body once, so "
-           "a sampler's are one step of its loop",
+      note=f"per device, from the {jax.default_backend()} compiler's memory and cost analyses (a CPU compiler's "
+           "temporaries were about twice a GPU's for the same steps, whose peak an H200 matched: see "
+           "ddlm_jax/compile_check.py); FLOPs count a loop's body once, so a sampler's are one step of its loop",
       rows=rows))
   print(f"wrote {path}")
   if failures:
