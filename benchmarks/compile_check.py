@@ -28,8 +28,7 @@ from experiments import diffusion_lm
 # Family -> (experiment module, variant, settings changed from it).
 BASE_CONFIGS = {
     **{family: (compare, f"{family},embedded,base", {}) for family in compare.FAMILIES},
-    # diffusion_lm.py's eval.batch_size (100) does not split over 8 devices; the next multiple of 8 is used.
-    "gaussian": (diffusion_lm, "base", {"eval.batch_size": 104}),
+    "gaussian": (diffusion_lm, "base", {}),
 }
 
 _FAMILIES = flags.DEFINE_list("families", list(BASE_CONFIGS), "Families whose base configs are compiled.")

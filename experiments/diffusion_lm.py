@@ -31,4 +31,5 @@ def get_config(variant: str = "cpu"):
     config.train.update(batch_size=64, num_steps=200_000, learning_rate=1e-4, warmup_steps=2_000,
                         ema_decay=0.9999, eval_every=10_000, checkpoint_every=5_000)
     config.sample.steps = 2_000
+    config.eval.batch_size = 104  # divides over a pod slice's 8 devices
   return config
