@@ -133,19 +133,28 @@ def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def training_curves(logdir: str, tags: Sequence[str] | None = None):
-  """One panel per scalar tag (default: every `train/` and `eval/` tag but tokens/s), value
-  against step, from the run's TensorBoard events (`read_scalars`)."""
+  """One panel per scalar tag, value against step, from the run's TensorBoard events
+  (`read_scalars`). By default the loss, every other `train/` tag but tokens/s, then the held-out
+  `eval/bits_per_token`, drawn with the generator's exact NLL of the same documents (dashed)
+  where the run logged it."""
   scalars = read_scalars(logdir)
   if tags is None:
-    tags = [tag for tag in scalars if tag.startswith(("train/", "eval/")) and not tag.endswith("tokens_per_second")]
+    tags = sorted((tag for tag in scalars if tag.startswith("train/") and tag != "train/tokens_per_second"),
+                  key=lambda tag: tag != "train/loss")  # the loss first, the rest in name order
+    tags += [tag for tag in ("eval/bits_per_token",) if tag in scalars]
   missing = [tag for tag in tags if tag not in scalars]
   if missing or not tags:
     raise ValueError(f"tags {missing or list(tags)} are not in the events under {logdir}; they hold {list(scalars)}")
-  figure = _figure(4 * min(len(tags), 3), 3 * -(-len(tags) // 3))
-  axes = figure.subplots(-(-len(tags) // 3), min(len(tags), 3), squeeze=False).ravel()
+  columns = min(len(tags), 4)
+  figure = _figure(3.5 * columns, 3 * -(-len(tags) // columns))
+  axes = figure.subplots(-(-len(tags) // columns), columns, squeeze=False).ravel()
   for axis, tag in zip(axes, tags):
     steps, values = scalars[tag]
     axis.plot(steps, values, marker="." if len(steps) < 30 else None)
+    if tag == "eval/bits_per_token" and "eval/generator_bits_per_token" in scalars:
+      axis.plot(*scalars["eval/generator_bits_per_token"], color="black", linestyle="--",
+                label="generator's exact NLL")
+      axis.legend(fontsize=8)
     axis.set_title(tag)
     axis.set_xlabel("step")
   for axis in axes[len(tags):]:

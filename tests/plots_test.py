@@ -58,6 +58,8 @@ def test_training_curves_draw_the_scalars_written(tmp_path):
     writer.add_scalar("train/loss", loss, step)
     writer.add_scalar("train/tokens_per_second", 1000.0, step)
   writer.add_scalar("eval/bits_per_token", 2.5, 30)
+  writer.add_scalar("eval/bits_per_token_stderr", 0.1, 30)
+  writer.add_scalar("eval/generator_bits_per_token", 1.75, 30)
   writer.close()
   # A resumed run repeats step 30 (its own file: the suffix keeps a run started in the same second apart).
   writer = tensorboardX.SummaryWriter(str(tmp_path / "tensorboard"), filename_suffix=".resumed")
@@ -68,8 +70,11 @@ def test_training_curves_draw_the_scalars_written(tmp_path):
   np.testing.assert_array_equal(steps, [10, 20, 30])
   np.testing.assert_allclose(values, [5.0, 4.25, 3.25])
   figure = plots.training_curves(str(tmp_path))
-  assert [axis.get_title() for axis in figure.axes if axis.get_visible()] == ["eval/bits_per_token", "train/loss"]
-  np.testing.assert_allclose(figure.axes[1].lines[0].get_xydata(), [[10, 5.0], [20, 4.25], [30, 3.25]])
+  assert [axis.get_title() for axis in figure.axes if axis.get_visible()] == ["train/loss", "eval/bits_per_token"]
+  np.testing.assert_allclose(figure.axes[0].lines[0].get_xydata(), [[10, 5.0], [20, 4.25], [30, 3.25]])
+  held_out, generator = figure.axes[1].lines
+  np.testing.assert_allclose(held_out.get_xydata(), [[30, 2.5]])
+  np.testing.assert_allclose(generator.get_xydata(), [[30, 1.75]])
   with pytest.raises(ValueError, match="train/lr"):
     plots.training_curves(str(tmp_path), tags=["train/lr"])
   with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
