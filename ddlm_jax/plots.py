@@ -14,6 +14,7 @@ artists' data (`figure.axes[i].lines`, `.images`, `.patches`), which the tests r
 import glob
 import os
 import struct
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -52,39 +53,36 @@ def snapshot_steps(num_steps: int, count: int) -> list[int]:
 
 
 def denoising(trajectory_SNL: np.ndarray, tokenizer=None, *, row: int = 0, num_snapshots: int = 4,
-              line_width: int = 90):
-  """The canvas filling in: an image of `settle_steps` (rows x positions, colour = the step a
-  position took its final token), and, with a tokenizer, the text of `row` at `num_snapshots`
-  steps ([MASK] shown), as `tokenizer.decode(ids, show_mask=True)` writes it."""
-  steps_NL = settle_steps(trajectory_SNL)
-  num_steps, num_rows, length = np.shape(trajectory_SNL)
+              line_width: int = 100, mask_symbol: str = "_"):
+  """The canvas filling in: an image of the step at which each position took its final token
+  (`settle_steps` + 1, rows x positions; 1 for a position fixed from the start), and, with a
+  tokenizer, the text of `row` after `num_snapshots` steps, each [MASK] written as `mask_symbol`."""
+  steps_NL = settle_steps(trajectory_SNL) + 1
+  num_steps, num_rows, _ = np.shape(trajectory_SNL)
   if not 0 <= row < num_rows:
     raise ValueError(f"row {row} is not one of the trajectory's {num_rows} rows")
-  snapshots = snapshot_steps(num_steps, num_snapshots) if tokenizer is not None else []
-  figure = _figure(10, 1.2 + 0.25 * num_rows + 0.9 * len(snapshots))
-  axes_image, *axes_text = figure.subplots(1 + bool(snapshots), 1, squeeze=False,
-                                           height_ratios=[1 + 0.25 * num_rows] + [0.9 * len(snapshots)] * bool(snapshots))[:, 0]
-  image = axes_image.imshow(steps_NL, aspect="auto", cmap="viridis", vmin=0, vmax=num_steps - 1,
-                            interpolation="nearest")
-  figure.colorbar(image, ax=axes_image, label="step of the final token")
-  axes_image.set_xlabel("position")
-  axes_image.set_ylabel("sample")
-  axes_image.set_title(f"when each position took its final token ({num_steps} steps)")
+  snapshots = []
+  for step in snapshot_steps(num_steps, num_snapshots) if tokenizer is not None else []:
+    text = tokenizer.decode(np.asarray(trajectory_SNL)[step, row].tolist(), show_mask=True)
+    lines = textwrap.wrap(text.replace(tokenizer.mask_text, mask_symbol).replace("\n", " "), line_width,
+                          drop_whitespace=False) or [""]
+    snapshots.append(f"after step {step + 1}:\n" + "\n".join(f"  {line}" for line in lines))
+  text_lines = sum(snapshot.count("\n") + 1 for snapshot in snapshots)
+  image_height, text_height = 0.9 + 0.22 * num_rows, 0.16 * text_lines
+  figure = _figure(10, image_height + text_height + 0.3)
+  axes = figure.subplots(1 + bool(snapshots), 1, squeeze=False,
+                         height_ratios=[image_height] + [text_height] * bool(snapshots))[:, 0]
+  image = axes[0].imshow(steps_NL, aspect="auto", cmap="viridis", vmin=1, vmax=num_steps, interpolation="nearest")
+  figure.colorbar(image, ax=axes[0], label="step")
+  axes[0].set_xlabel("position")
+  axes[0].set_ylabel("sample")
+  axes[0].set_title(f"the step at which each position took its final token ({num_steps} steps)")
   if snapshots:
-    text_axes = axes_text[0]
-    text_axes.axis("off")
-    lines = []
-    for step in snapshots:
-      text = tokenizer.decode(np.asarray(trajectory_SNL)[step, row].tolist(), show_mask=True)
-      lines.append(f"step {step + 1:>4}: {_shorten(text, line_width)}")
-    text_axes.text(0, 1, "\n".join(lines), family="monospace", fontsize=8, va="top", transform=text_axes.transAxes)
-    text_axes.set_title(f"sample {row}", loc="left", fontsize=9)
+    axes[1].axis("off")
+    axes[1].text(0, 1, "\n".join(snapshots), family="monospace", fontsize=8, va="top",
+                 transform=axes[1].transAxes)
+    axes[1].set_title(f"sample {row} ({mask_symbol} = [MASK])", loc="left", fontsize=9)
   return figure
-
-
-def _shorten(text: str, width: int) -> str:
-  text = text.replace("\n", " ")
-  return text if len(text) <= width else text[:width - 1] + "…"
 
 
 # Training curves from TensorBoard event files.
@@ -200,7 +198,7 @@ def likelihood(results: Mapping[str, Any], *, per: str = "token", entropy_bits_p
   if len(set(np.round(list(references.values()), 6))) > 1:
     raise ValueError(f"the generator's NLL differs between results ({references}): they scored different "
                      "documents or tokenizers, so their bits are not on one scale")
-  figure = _figure(1.2 + 1.1 * len(summaries), 4)
+  figure = _figure(max(4.5, 1.2 + 1.1 * len(summaries)), 4.5)
   axis = figure.subplots()
   positions = np.arange(len(summaries))
   axis.bar(positions, heights, yerr=errors, capsize=4, color="tab:blue", label="held-out bits ± s.e.")
@@ -213,7 +211,7 @@ def likelihood(results: Mapping[str, Any], *, per: str = "token", entropy_bits_p
       raise ValueError("the generator's entropy is in bits per document: chart per='document' to draw it")
     axis.axhline(entropy_bits_per_document, color="grey", linestyle=":", label="generator's entropy")
   axis.set_ylabel(f"bits per {per}")
-  axis.legend(fontsize=8)
+  figure.legend(fontsize=8, loc="outside lower center")
   return figure
 
 

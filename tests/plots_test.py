@@ -41,11 +41,10 @@ def test_denoising_image_and_snapshots_show_the_trajectory():
   trajectory_SNL, revealed_at_NL = masked_trajectory()
   figure = plots.denoising(trajectory_SNL, TOKENIZER, row=1, num_snapshots=2)
   image = figure.axes[0].images[0]
-  np.testing.assert_array_equal(image.get_array(), revealed_at_NL)
-  assert image.get_clim() == (0, 3)
-  text = figure.axes[1].texts[0].get_text()
-  first, last = TOKENIZER.decode(trajectory_SNL[0, 1].tolist(), show_mask=True), "vwxyz"
-  assert text.splitlines() == [f"step    1: {first}", f"step    4: {last}"]
+  np.testing.assert_array_equal(image.get_array(), revealed_at_NL + 1)  # steps counted from 1
+  assert image.get_clim() == (1, 4)
+  text = figure.axes[1].texts[0].get_text()  # axes: image, text, the image's colour bar
+  assert text.splitlines() == ["after step 1:", "  _wx__", "after step 4:", "  vwxyz"]
   figure.savefig(os.devnull, format="png")
   with pytest.raises(ValueError, match="row 2"):
     plots.denoising(trajectory_SNL, TOKENIZER, row=2)
