@@ -39,11 +39,12 @@ def free_port() -> int:
 
 
 def environment(cache_dir: str, process_id: int | None = None, port: int | None = None) -> dict:
-  """One CPU device per process (no forced device count), compilations shared through a cache; with
-  `process_id`, the JAX_* variables of a two-process run (as a pod's launcher would set them)."""
+  """One CPU device per process (no forced device count), compilations shared through a cache, the
+  Python stacks on SIGABRT; with `process_id`, the JAX_* variables of a two-process run (as a pod's
+  launcher would set them)."""
   env = {name: value for name, value in os.environ.items() if not name.startswith("JAX_")}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_cpu_collective_call_terminate_timeout_seconds=600",
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             PYTHONFAULTHANDLER="1", JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   if process_id is not None:
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
@@ -61,19 +62,26 @@ def start_workers(num_processes: int, workdir: str, out_dir: str, cache_dir: str
 
 
 def finish(processes: list) -> list[tuple[int, str, str]]:
-  """(exit status, stdout, stderr) of each process; all are killed if one takes too long."""
+  """(exit status, stdout, stderr) of each process. Processes still running after TIMEOUT_S are
+  aborted, their stacks in their stderr (PYTHONFAULTHANDLER), and then killed."""
   deadline = time.time() + TIMEOUT_S
-  results = []
-  try:
-    for process in processes:
-      stdout, stderr = process.communicate(timeout=max(deadline - time.time(), 1))
-      results.append((process.returncode, stdout, stderr))
-  finally:
-    for process in processes:
-      if process.poll() is None:
+  outputs = {}
+  for process in processes:
+    try:
+      outputs[process] = process.communicate(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+      break
+  for process in processes:
+    if process.poll() is None:
+      process.send_signal(signal.SIGABRT)
+  for process in processes:
+    if process not in outputs:
+      try:
+        outputs[process] = process.communicate(timeout=30)
+      except subprocess.TimeoutExpired:
         process.kill()
-        process.wait()
-  return results
+        outputs[process] = process.communicate()
+  return [(process.returncode, *outputs[process]) for process in processes]
 
 
 def check_ok(results: list) -> None:
