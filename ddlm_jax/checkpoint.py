@@ -1,13 +1,16 @@
 """Orbax checkpoints of a run: train state, data position, model settings and config.
 
-Each step directory holds five items: 'state' (step, params, optimizer, EMA), 'data' (the
+Each step directory holds six items: 'state' (step, params, optimizer, EMA), 'data' (the
 batch iterator's position), 'identity' (the settings a resumed run must share, see
 `config.run_identity`; checked before any restore so that a checkpoint of another model or data
 order is refused with a clear message), 'config' (the full experiment config, for
-`ddlm_jax.load`) and 'provenance' (the run whose parameters this one started from, `config.init_from`,
-and that run's provenance in turn; empty for a run trained from scratch; absent in older checkpoints). Orbax writes each step to a temporary directory and renames it
-when complete, so a run killed mid-save leaves the previous checkpoint intact (and the next
-run's manager removes the unfinished temporary directory).
+`ddlm_jax.load`), 'provenance' (the run whose parameters this one started from, `config.init_from`,
+and that run's provenance in turn; empty for a run trained from scratch; absent in older checkpoints)
+and 'fingerprint' (two checksums of each array of the state, `fingerprint`, checked at every restore:
+orbax finds some damaged files itself but reads flipped bytes of array data as other numbers; absent
+in older checkpoints). Orbax writes each step to a temporary directory and renames it when
+complete, so a run killed mid-save leaves the previous checkpoint intact (and the next run's
+manager removes the unfinished temporary directory).
 
 A step that cannot be read (a file missing, truncated or damaged) raises `UnreadableCheckpoint`;
 `newest_readable` walks back to the newest step that can be, and `set_aside` moves the damaged
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data", "identity", "config", "provenance")
+ITEMS = ("state", "data", "identity", "config", "provenance", "fingerprint")
 
 
 class CheckpointError(ValueError):
@@ -101,6 +104,39 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves])) if leaves else jnp.array(True)
 
 
+def fingerprint(tree: Any) -> dict[str, list[int]]:
+  """{leaf path (e.g. 'params/blocks/0/mlp/wi/value'): [sum of its elements' bits, sum of its
+  bits times odd weights 1, 3, 5, ...], both mod 2**32} of every array of `tree` (one jitted
+  pass). A change of any one element changes both; moving elements changes the second."""
+  paths = ["/".join(str(_key_name(key)) for key in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return {path: [int(value) for value in sums] for path, sums in zip(paths, jax.device_get(_fingerprints(tree)))}
+
+
+def _key_name(key: Any) -> Any:
+  for field in ("name", "key", "idx"):  # GetAttrKey, DictKey/FlattenedIndexKey, SequenceKey
+    if hasattr(key, field):
+      return getattr(key, field)
+  return key
+
+
+@jax.jit
+def _fingerprints(tree: Any) -> list[jax.Array]:
+  def bits(leaf):
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    if leaf.dtype == jnp.bool_:
+      return leaf.astype(jnp.uint32).ravel()
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}.get(leaf.dtype.itemsize, jnp.uint32)
+    return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32).ravel()
+
+  def sums(leaf):
+    bits_N = bits(leaf)
+    weights_N = 2 * jnp.arange(bits_N.size, dtype=jnp.uint32) + 1
+    return jnp.stack([bits_N.sum(dtype=jnp.uint32), (bits_N * weights_N).sum(dtype=jnp.uint32)])
+
+  return [sums(leaf) for leaf in jax.tree.leaves(tree)]
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: dict,
          identity: dict, config: dict, provenance: dict) -> None:
   """Saves one step; refuses a state with NaN/Inf so a good checkpoint is never replaced by a bad one."""
@@ -111,7 +147,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: d
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position),
       identity=ocp.args.JsonSave(identity), config=ocp.args.JsonSave(config),
-      provenance=ocp.args.JsonSave(provenance)), force=True)
+      provenance=ocp.args.JsonSave(provenance), fingerprint=ocp.args.JsonSave(fingerprint(state))), force=True)
   manager.wait_until_finished()
 
 
@@ -189,10 +225,25 @@ def workdir_lock(workdir: str) -> Iterator[None]:
   writes there; WorkdirInUse naming the holder if another live process holds it.
 
   The kernel releases the lock when its process ends, however it ends, so the file of a killed
-  run never blocks the next; the file is removed when the lock is released.
+  run never blocks the next. On release the file is removed, and the workdir too if the lock
+  created it and nothing else was written there.
   """
+  workdir = os.path.abspath(workdir)
+  created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+  try:
+    with _flock(os.path.join(workdir, LOCK_FILE)):
+      yield
+  finally:
+    if created:
+      with contextlib.suppress(OSError):  # not empty: the run wrote there
+        os.rmdir(workdir)
+
+
+@contextlib.contextmanager
+def _flock(path: str) -> Iterator[None]:
+  """An exclusive flock on the file `path` (created, holding this process's pid and host, and
+  removed on release); WorkdirInUse naming the holder if another process holds it."""
   while True:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -200,14 +251,15 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     except BlockingIOError:
       holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that is just starting"
       os.close(fd)
-      raise WorkdirInUse(f"the workdir {os.path.abspath(workdir)} is in use by another run ({holder}, which holds "
+      raise WorkdirInUse(f"the workdir {os.path.dirname(path)} is in use by another run ({holder}, which holds "
                          f"{path}); wait for it to end or stop it, or use another --workdir. Nothing was changed.")
     except OSError as error:
       os.close(fd)
       if error.errno not in NO_LOCKS:
         raise
       absl_logging.warning("the filesystem of %s has no file locks: nothing stops a second run from writing there",
-                           workdir)
+                           path)
+      os.remove(path)
       yield
       return
     if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -264,9 +316,27 @@ def restore_params(manager: ocp.CheckpointManager, step: int, name: str, abstrac
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, state_args: Any) -> Any:
-  """The 'state' item of a step, restored with `state_args`; a CheckpointError if it cannot be."""
+  """The 'state' item of a step, restored with `state_args` and checked against the step's
+  fingerprint (if it has one); UnreadableCheckpoint if it cannot be read or differs."""
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=state_args))
+    restored = manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
   except Exception as error:  # orbax raises many types for missing or damaged files
     raise _unreadable(manager, step, error) from error
-  return restored["state"]
+  saved = _read_fingerprint(manager, step)
+  if saved is not None:
+    differing = [path for path, sums in fingerprint(restored).items() if saved.get(path, sums) != sums]
+    if differing:
+      raise _unreadable(manager, step, ValueError(
+          f"the arrays {', '.join(differing[:3])}{' and others' if len(differing) > 3 else ''} differ from those "
+          "saved (their fingerprints do not match): damaged files"))
+  return restored
+
+
+def _read_fingerprint(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The 'fingerprint' item of a step; None for a checkpoint older than the item."""
+  if not os.path.isdir(os.path.join(manager.directory, str(step), "fingerprint")):
+    return None
+  try:
+    return manager.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
+  except Exception as error:  # orbax raises many types for damaged files
+    raise _unreadable(manager, step, error, "the fingerprint of ") from error

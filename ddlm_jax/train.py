@@ -201,7 +201,7 @@ class TrainingClock:
 
 
 # Why a run stops early, least urgent first: processes that disagree act on the most urgent reason.
-STOP_REASONS = (None, "time limit", "SIGINT", "SIGTERM")
+STOP_REASONS = (None, "time limit", "SIGTERM", "SIGINT")
 # The reasons after which train_and_evaluate saves and returns at once, without its final evaluation.
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
 # Steps between the processes' exchanges of their stop reasons (multi-process runs only).

@@ -10,6 +10,7 @@ import struct
 import sys
 
 import jax
+import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
@@ -185,6 +186,23 @@ def test_every_kind_of_damage_is_named_and_the_step_before_it_read(trained, tmp_
                for record in caplog.records), (kind, caplog.text)
 
 
+def test_flipped_bits_that_orbax_reads_back_as_other_numbers_are_caught_by_the_fingerprint(tmp_path):
+  weights = np.random.default_rng(0).normal(size=4096).astype(np.float32)  # incompressible, as trained weights are
+  device = jax.devices()[0]
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, 1, {"w": jax.device_put(weights, device)}, {}, {}, {}, {})
+  path = max(glob.glob(os.path.join(manager.directory, "1", "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  abstract = {"w": jax.ShapeDtypeStruct(weights.shape, weights.dtype, sharding=jax.sharding.SingleDeviceSharding(device))}
+  with pytest.raises(checkpoint.UnreadableCheckpoint, match=r"step 1 .* cannot be read \(ValueError: the arrays w "
+                     r"differ from those saved \(their fingerprints do not match\)"):
+    checkpoint.restore_state(checkpoint.make_manager(str(tmp_path), read_only=True), 1, abstract)
+
+
 def test_ctrl_c_saves_the_current_step_and_logged_steps_are_on_disk_at_once(trained, tmp_path, monkeypatch):
   workdir = copy_of(trained[0], tmp_path)
   real_next, calls, on_disk = batching.BatchIterator.__next__, [], {}
@@ -221,3 +239,10 @@ def test_a_stale_lock_file_does_not_block_and_a_held_lock_does(tmp_path):
   assert not lock_file.exists()
   with checkpoint.workdir_lock(str(tmp_path)):  # released: the next run takes it
     pass
+
+
+def test_a_lock_leaves_no_trace_in_a_workdir_where_nothing_was_written(tmp_path):
+  workdir = tmp_path / "new"
+  with checkpoint.workdir_lock(str(workdir)):
+    assert os.listdir(workdir) == [checkpoint.LOCK_FILE]
+  assert not workdir.exists()
