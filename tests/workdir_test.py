@@ -105,6 +105,19 @@ def test_tensorboard_holds_losses_learning_rates_samples_and_the_final_evaluatio
   assert all(text.startswith("1. `") and "\n2. `" in text for _, text in samples), samples
 
 
+def test_samples_of_a_pair_task_translate_its_first_held_out_sources():
+  class Translator:
+    def translate(self, sources, seed, **settings):
+      assert seed == 0 and settings["steps"] == 4
+      return [source.upper() for source in sources]
+
+  config = tiny_config()
+  config.data.task = "data_to_text"
+  texts = train.sample_texts(Translator(), config, ("name[Aroma]", "food[Thai]", "area[riverside]"))
+  assert texts == ["name[Aroma] -> NAME[AROMA]", "food[Thai] -> FOOD[THAI]"]  # config.sample.num_samples = 2
+  assert train.samples_markdown(texts) == "1. `name[Aroma] -> NAME[AROMA]`\n2. `food[Thai] -> FOOD[THAI]`"
+
+
 def damage_state_data(step_dir: str) -> None:
   """Flips bytes in the middle of the largest array file of a step's state: what a bad disk does."""
   path = max(glob.glob(os.path.join(step_dir, "state", "d", "*")), key=os.path.getsize)
