@@ -286,10 +286,15 @@ def check_identity(saved: dict, current: dict, where: str) -> None:
                           "the workdir was left as it is.")
 
 
+SUMMARY_CHARS = 400
+
+
 def _summary(error: Exception) -> str:
-  """The first line of an orbax error (the rest is often a long dump of the file's contents)."""
+  """The first line of an orbax error (the rest is often a long dump of the file's contents),
+  without tensorstore's spec of the array it read, and cut to SUMMARY_CHARS."""
   lines = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {lines[0] if lines else ''}"
+  text = (lines[0] if lines else "").split(" [tensorstore_spec")[0]
+  return f"{type(error).__name__}: {text if len(text) <= SUMMARY_CHARS else text[:SUMMARY_CHARS] + '...'}"
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
