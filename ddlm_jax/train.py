@@ -476,7 +476,9 @@ class EventLog:
 
   def __init__(self, logdir: str):
     os.makedirs(logdir, exist_ok=True)
-    self._writer = event_file_writer.EventsWriter(os.path.join(logdir, "events"))
+    # events.out.tfevents.<seconds>.<host>.<pid>.<ns>: a name of its own even for a run restarted within the second
+    self._writer = event_file_writer.EventsWriter(os.path.join(logdir, "events"),
+                                                  filename_suffix=f".{os.getpid()}.{time.monotonic_ns()}")
 
   def scalars(self, step: int, values: dict[str, Any]) -> None:
     """Scalars named 'group/name' (a bare name goes to 'train/') at `step`."""
