@@ -38,7 +38,12 @@ class CheckpointError(ValueError):
 
 
 class UnreadableCheckpoint(CheckpointError):
-  """A step whose files are missing or damaged (not a readable checkpoint of another run)."""
+  """A step whose files are missing or damaged (not a readable checkpoint of another run).
+
+  Attributes:
+    step: the step that cannot be read (None when no step of a workdir can be).
+    reason: why, in one line.
+  """
 
   def __init__(self, message: str, step: int | None = None, reason: str = ""):
     super().__init__(message)
