@@ -65,7 +65,8 @@ class PlainProgress:
     seconds = self._last_line - self._started
     postfix = f" ({self._postfix})" if self._postfix else ""
     done = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
-    self._print(f"{self.desc}: {done} {self.unit}s, {seconds:.0f} s{postfix}")
+    plural = self.unit + ("es" if self.unit.endswith(("s", "ch", "sh", "x")) else "s")
+    self._print(f"{self.desc}: {done} {plural}, {seconds:.0f} s{postfix}")
 
   def close(self) -> None:
     if not self._closed and (self.total is None or self.n >= self.total):

@@ -355,13 +355,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: j
       if jax.process_index() == 0:
         checkpoint.set_aside(workdir, unreadable)
       multihost_utils.sync_global_devices("set aside the unreadable checkpoints")
-    print(f"Resumed from step {latest} in {workdir}", flush=True)
+    if jax.process_index() == 0:
+      print(f"Resumed from step {latest} in {workdir}", flush=True)
   elif init_source is not None:
     graphdef, state, shardings = init_state(experiment, config, mesh, optimizer,
                                             warm_start.restore_params(init_source, experiment.model, mesh))
     provenance = init_source.record()
-    print(f"Starting from the {provenance['params']} parameters of step {init_source.step} in {init_source.workdir} "
-          f"(process {provenance['process']!r})", flush=True)
+    if jax.process_index() == 0:
+      print(f"Starting from the {provenance['params']} parameters of step {init_source.step} in {init_source.workdir} "
+            f"(process {provenance['process']!r})", flush=True)
   else:
     graphdef, state, shardings = init_state(experiment, config, mesh, optimizer)
   manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)

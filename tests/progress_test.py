@@ -49,7 +49,7 @@ def test_plain_progress_wraps_an_iterable_and_writes_a_line_every_so_many_second
 
   bar = progress.PlainProgress(None, "eval", "batch", stream=stream, iterable=batches())
   assert list(bar) == list(range(5))
-  assert stream.getvalue().splitlines() == ["eval: 2 batchs, 40 s", "eval: 4 batchs, 80 s", "eval: 5 batchs, 100 s"]
+  assert stream.getvalue().splitlines() == ["eval: 2 batches, 40 s", "eval: 4 batches, 80 s", "eval: 5 batches, 100 s"]
 
 
 def test_bar_takes_a_count_or_an_iterable(monkeypatch):
