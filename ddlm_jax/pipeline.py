@@ -442,24 +442,30 @@ def default_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def load(workdir: str, step: int | None = None, use_ema: bool = True, mesh: jax.sharding.Mesh | None = None) -> Pipeline:
-  """The model saved in `workdir` (its latest checkpoint unless `step` is given): only its
-  parameters are read, the EMA of them if `use_ema` and the run kept one, onto `mesh` (default:
-  `default_mesh`). In a multi-process run every process calls it, and then makes the same calls
-  of the Pipeline: each one's outputs are the whole result."""
+  """The model saved in `workdir` at `step`, or at its newest step that can be read (each newer,
+  damaged one named in a warning): only its parameters are read, the EMA of them if `use_ema` and
+  the run kept one, onto `mesh` (default: `default_mesh`). In a multi-process run every process
+  calls it, and then makes the same calls of the Pipeline: each one's outputs are the whole result."""
   manager = checkpoint.make_manager(workdir, read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  steps = manager.all_steps() if step is None else [step]
+  if not steps:
     raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
-  saved = checkpoint.read_json_items(manager, step)
-  config = config_lib.with_defaults(saved["config"])
-  tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
-  experiment = experiment_lib.make_experiment(config, tokenizer.vocab_size,
-                                              experiment_lib.load_neighbor_graph(workdir))
-  mesh = default_mesh(config) if mesh is None else mesh
-  graphdef, params, shardings = experiment_lib.abstract_params(experiment.model, mesh)
-  ema = use_ema and config.train.ema_decay > 0
-  params = checkpoint.restore_params(manager, step, "ema_params" if ema else "params",
-                                     sharding.abstract(params, shardings))
-  return Pipeline(graphdef=graphdef, params=params, tokenizer=tokenizer, process=experiment.process,
-                  seq_len=experiment.data.seq_len, config=config, params_name="EMA" if ema else "raw",
-                  provenance=checkpoint.read_provenance(manager, step), mesh=mesh)
+
+  def read(step: int) -> Pipeline:
+    saved = checkpoint.read_json_items(manager, step)
+    config = config_lib.with_defaults(saved["config"])
+    tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    experiment = experiment_lib.make_experiment(config, tokenizer.vocab_size,
+                                                experiment_lib.load_neighbor_graph(workdir))
+    run_mesh = default_mesh(config) if mesh is None else mesh
+    graphdef, params, shardings = experiment_lib.abstract_params(experiment.model, run_mesh)
+    ema = use_ema and config.train.ema_decay > 0
+    params = checkpoint.restore_params(manager, step, "ema_params" if ema else "params",
+                                       sharding.abstract(params, shardings))
+    return Pipeline(graphdef=graphdef, params=params, tokenizer=tokenizer, process=experiment.process,
+                    seq_len=experiment.data.seq_len, config=config, params_name="EMA" if ema else "raw",
+                    provenance=checkpoint.read_provenance(manager, step), mesh=run_mesh)
+
+  if step is not None:
+    return read(step)
+  return checkpoint.newest_readable(steps, read, manager.directory)[1]

@@ -42,6 +42,10 @@ def generate(prompts, **settings):
   return lambda workdir, _: ddlm_jax.load(workdir).generate(prompts, **settings)
 
 
+def load_step(step):
+  return lambda workdir, _: ddlm_jax.load(workdir, step=step)
+
+
 def while_held(action):
   """`action` while another run holds the workdir's lock."""
   def run(workdir, tmp_path):
@@ -101,7 +105,7 @@ CASES = [
      r"no checkpoint in .*checkpoints"),
     ("every checkpoint damaged", damage_every_step, train_with(), checkpoint.UnreadableCheckpoint,
      r"no checkpoint in .*checkpoints can be read \(step 4: ValueError: DATA_LOSS.*; step 2: JSONDecodeError"),
-    ("damaged checkpoint loaded", damage_latest_step, generate(None, num_samples=1), checkpoint.UnreadableCheckpoint,
+    ("damaged checkpoint loaded", damage_latest_step, load_step(4), checkpoint.UnreadableCheckpoint,
      r"checkpoint step 4 in .*checkpoints cannot be read \(ValueError: DATA_LOSS"),
     ("checkpoint of another model", "trained", train_with(**{"model.num_layers": 3}), checkpoint.CheckpointError,
      r"written by a run with other settings \(model.num_layers: checkpoint 2 vs now 3\)"),

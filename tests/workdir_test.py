@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+import ddlm_jax
+
 from ddlm_jax import checkpoint
 from ddlm_jax import experiment as experiment_lib
 from ddlm_jax import sharding
@@ -151,6 +153,19 @@ def test_damaged_latest_step_and_an_unfinished_save_resume_from_the_newest_good_
   assert checkpoint.latest_step(workdir) == 6
 
 
+def test_loading_a_workdir_whose_latest_step_is_damaged_reads_the_step_before_it(trained, tmp_path, caplog):
+  workdir = copy_of(trained[0], tmp_path)
+  damage_state_data(os.path.join(checkpoint.checkpoint_dir(workdir), "4"))
+  before = tree_digest(workdir)
+  with caplog.at_level(logging.WARNING):
+    model = ddlm_jax.load(workdir)
+  assert any("checkpoint step 4" in record.getMessage() and "cannot be read" in record.getMessage()
+             for record in caplog.records), caplog.text
+  step_2 = ddlm_jax.load(workdir, step=2)
+  assert jax.tree.all(jax.tree.map(np.array_equal, model.params, step_2.params))
+  assert tree_digest(workdir) == before  # loading reads: nothing moved
+
+
 def abstract_train_state(workdir):
   config = tiny_config()
   tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
@@ -234,11 +249,12 @@ def test_ctrl_c_saves_the_current_step_and_logged_steps_are_on_disk_at_once(trai
 
   monkeypatch.setattr(batching.BatchIterator, "__next__", interrupted_next)
   monkeypatch.setattr(checkpoint, "save", save_and_look)
+  before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler; ignored in a pytest-xdist worker
   summary = train.train_and_evaluate(tiny_config(num_steps=10, log_every=1, sample_every=0), workdir)
   assert summary == {"step": 6, "stopped": "SIGINT"}
   assert checkpoint.latest_step(workdir) == 6
   assert on_disk == {6: [2, 4, 5, 6]}  # step 5 and 6 of this run were flushed before the save
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C interrupts again
+  assert signal.getsignal(signal.SIGINT) is before  # the run's own handler is gone: Ctrl-C acts as before
 
 
 def test_a_stale_lock_file_does_not_block_and_a_held_lock_does(tmp_path):
