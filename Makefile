@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python -m ddlm_jax.main --config=experiments/mdlm_demo.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --durations=10
 
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"

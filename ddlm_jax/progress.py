@@ -75,7 +75,8 @@ class PlainProgress:
 
 
 def _interactive(stream: TextIO) -> bool:
-  return stream.isatty() or "ipykernel" in sys.modules
+  """A terminal, or a notebook's output (a Jupyter kernel's stream), not a log file."""
+  return stream.isatty() or type(stream).__module__.startswith("ipykernel")
 
 
 def bar(work: int | Iterable, desc: str, unit: str = "it", initial: int = 0,

@@ -83,7 +83,7 @@ def test_runs_end_to_end_on_tiny_settings(name, tmp_path, kernel_environment):
 
 def finished_output(capsys) -> str:
   """What a loop printed: whole lines on stdout where nobody watches, a tqdm bar on stderr in a
-  terminal or next to a Jupyter kernel (importing jupyter_client imports ipykernel)."""
+  terminal."""
   captured = capsys.readouterr()
   return captured.out + captured.err
 

@@ -1,5 +1,6 @@
 """Progress output: whole lines, not carriage returns, when nobody watches a terminal."""
 import io
+import types
 
 from ddlm_jax import progress
 
@@ -33,7 +34,6 @@ def test_plain_progress_resumed_counts_from_its_initial_step_and_can_be_silenced
 
 def test_bar_is_plain_when_stderr_is_a_file(monkeypatch):
   monkeypatch.setattr("sys.stderr", io.StringIO())
-  monkeypatch.delitem(__import__("sys").modules, "ipykernel", raising=False)
   assert isinstance(progress.bar(10, "eval", "batch"), progress.PlainProgress)
 
 
@@ -52,9 +52,17 @@ def test_plain_progress_wraps_an_iterable_and_writes_a_line_every_so_many_second
   assert stream.getvalue().splitlines() == ["eval: 2 batches, 40 s", "eval: 4 batches, 80 s", "eval: 5 batches, 100 s"]
 
 
+def test_bar_is_tqdm_in_a_notebook_even_where_ipykernel_is_merely_imported(monkeypatch):
+  kernel_stream = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})()
+  monkeypatch.setattr("sys.stderr", kernel_stream)
+  assert not isinstance(progress.bar(10, "eval", "batch"), progress.PlainProgress)
+  monkeypatch.setattr("sys.stderr", io.StringIO())
+  monkeypatch.setitem(__import__("sys").modules, "ipykernel", types.ModuleType("ipykernel"))
+  assert isinstance(progress.bar(10, "eval", "batch"), progress.PlainProgress)
+
+
 def test_bar_takes_a_count_or_an_iterable(monkeypatch):
   monkeypatch.setattr("sys.stderr", io.StringIO())
-  monkeypatch.delitem(__import__("sys").modules, "ipykernel", raising=False)
   stream = io.StringIO()
   monkeypatch.setattr("sys.stdout", stream)
   assert [item * 2 for item in progress.bar(range(3), "double")] == [0, 2, 4]

@@ -222,8 +222,8 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, trained_workdir):
     for name in names:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"\x00garbage")
-  with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
-    ddlm_jax.load(broken)
+  with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint step {latest} in .* cannot be read"):
+    ddlm_jax.load(broken, step=latest)
 
 
 def test_unknown_config_key_is_named():
@@ -542,18 +542,21 @@ def test_launcher_samples_each_prompt_num_samples_times_without_orbax_warnings(t
   assert len(samples) == 4 and [text[:3] for text in samples] == ["The", "The", "A v", "A v"], samples
 
 
-def test_launcher_reports_a_corrupt_checkpoint_in_one_line(tmp_path, trained_workdir):
+def test_launcher_names_each_unreadable_checkpoint_then_fails_in_one_line(tmp_path, trained_workdir):
   workdir, _ = trained_workdir
   broken = str(tmp_path / "broken")
   subprocess.run(["cp", "-r", workdir, broken], check=True)
-  state_dir = os.path.join(checkpoint.checkpoint_dir(broken), str(checkpoint.latest_step(broken)), "state")
-  for root, _, names in os.walk(state_dir):
-    for name in names:
-      with open(os.path.join(root, name), "wb") as f:
-        f.write(b"\x00garbage")
+  steps = checkpoint.make_manager(broken).all_steps()
+  for step in steps:  # a damaged latest step alone is passed over, with a warning: damage them all
+    for root, _, names in os.walk(os.path.join(checkpoint.checkpoint_dir(broken), str(step), "state")):
+      for name in names:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"\x00garbage")
   result = launch(f"--workdir={broken}", "--mode=sample")
   assert result.returncode == 1
-  assert result.stderr.count("\n") <= 2 and "cannot be read" in result.stderr, result.stderr
+  *warnings, error, hint = result.stderr.strip().splitlines()
+  assert len(warnings) == len(steps) and all("cannot be read" in line for line in warnings), result.stderr
+  assert "no checkpoint in" in error and "can be read" in error and "DDLM_TRACEBACK" in hint, result.stderr
 
 
 def write_paragraphs(path, word):
