@@ -306,15 +306,17 @@ def sample_quality(texts: Sequence[str], encode: Callable[[str], list[int]], *, 
     texts: the samples.
     encode: the tokenizer of the unigram entropy (the sampling model's).
     ar_model: a trained autoregressive `Pipeline` for the generative perplexity (texts longer than
-      its canvas are cut to fit, so degenerate never-ending samples count too); None skips it.
+      its canvas are cut to fit, so degenerate never-ending samples count too; empty samples, an
+      [EOS] first, have no tokens to judge and count only in the parse rate); None skips it.
     corpus: a `RestaurantCorpus` to parse the texts and score them exactly; None off the corpus.
   """
   if not texts:
     raise ValueError("no samples to judge")
   quality = SampleQuality(num_samples=len(texts),
                           unigram_entropy_bits=unigram_entropy_bits([encode(text) for text in texts]))
-  if ar_model is not None:
-    bits_per_token = ar_model.score(texts, truncate=True).bits_per_token
+  judged = [text for text in texts if text.strip()]
+  if ar_model is not None and judged:
+    bits_per_token = ar_model.score(judged, truncate=True).bits_per_token
     quality = dataclasses.replace(quality, generative_perplexity=2.0 ** bits_per_token)
   if corpus is not None:
     log_probs = [corpus.log_prob(text) for text in texts]

@@ -80,6 +80,16 @@ def test_sample_quality_judges_with_the_ar_model_and_the_generator():
   assert set(quality.summary()) >= {"generative_perplexity", "unigram_entropy_bits", "well_formed_fraction"}
 
 
+def test_empty_samples_are_not_scored_by_the_judge_but_count_as_unparsed():
+  ar_model = _FixedScoreModel()
+  reference = corpus.default_corpus()
+  document = reference.sample(1, seed=3)[0]
+  quality = evaluate.sample_quality([document.text, "", " "], str.split, ar_model=ar_model, corpus=reference)
+  assert ar_model.calls == [([document.text], True)] and quality.generative_perplexity == 8.0
+  np.testing.assert_allclose(quality.well_formed_fraction, 1 / 3)
+  assert evaluate.sample_quality([""], str.split, ar_model=ar_model).generative_perplexity is None
+
+
 def _row_sum_nats(params, rows_BL, key):
   """A stand-in NLL: each row's nats are the sum of its ids."""
   del params, key
