@@ -154,15 +154,9 @@ def run(config, workdir: str, mode: str, prompts: list[str] | None) -> dict:
     summary = {"params": model.params_name, **result.summary()}
     _print(f"{model.params_name} parameters, {result.describe()}")
   if sampling:
-    sample = config.sample.to_dict()
-    num_samples = sample.pop("num_samples")
-    repeated = [prompt for prompt in prompts for _ in range(num_samples)] if prompts else None
-    if config.data.task == "lm":
-      texts = model.generate(repeated, num_samples=num_samples, seed=config.seed, **sample)
-    else:
-      sources = repeated or datasets.load_data(config_lib.data_config(config), workdir).eval_sources[:num_samples]
-      texts = [f"{source} -> {target}"
-               for source, target in zip(sources, model.translate(sources, seed=config.seed, **sample))]
+    held_out = config.data.task != "lm" and not prompts  # a pair model translates held-out sources
+    sources = datasets.load_data(config_lib.data_config(config), workdir).eval_sources if held_out else []
+    texts = train.sample_texts(model, config, sources, prompts)
     _print("samples:\n" + "\n".join(f"  {i}. {text}" for i, text in enumerate(texts)))
     summary = {**summary, "samples": texts} if mode == "train" else {"samples": texts}
   if jax.process_index() == 0:

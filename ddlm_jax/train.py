@@ -506,14 +506,17 @@ def evaluation_scalars(result: evaluate.ElboResult) -> dict[str, float]:
   return {f"eval/{name}": value for name, value in result.summary().items() if "bits" in name}
 
 
-def sample_texts(model: pipeline_lib.Pipeline, config: ml_collections.ConfigDict, sources: Sequence[str]) -> list[str]:
-  """config.sample.num_samples texts from `model` under the config's sample settings: from scratch
-  for a language model, 'source -> target' for the first held-out `sources` of a pair task."""
+def sample_texts(model: pipeline_lib.Pipeline, config: ml_collections.ConfigDict, sources: Sequence[str],
+                 prompts: Sequence[str] | None = None) -> list[str]:
+  """Texts from `model` under the config's sample settings, config.sample.num_samples of them (of
+  each prompt, if `prompts`): from scratch or continuing the prompts for a language model;
+  'source -> target' for the prompts, or the first held-out `sources`, of a pair task."""
   settings = config.sample.to_dict()
   num_samples = settings.pop("num_samples")
+  repeated = [prompt for prompt in prompts for _ in range(num_samples)] if prompts else None
   if config.data.task == "lm":
-    return model.generate(num_samples=num_samples, seed=config.seed, **settings)
-  sources = list(sources[:num_samples])
+    return model.generate(repeated, num_samples=num_samples, seed=config.seed, **settings)
+  sources = repeated or list(sources[:num_samples])
   return [f"{source} -> {target}" for source, target in zip(sources, model.translate(sources, seed=config.seed,
                                                                                        **settings))]
 
