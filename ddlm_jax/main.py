@@ -19,8 +19,9 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; on a TPU pod, Slu
 --config.multi_process=True alone lets JAX detect them. Only process 0 prints and writes summaries.
 
 Exit status: 0 when done; 143 when training stopped on SIGTERM and 130 on SIGINT (Ctrl-C), after
-saving a checkpoint (the same command resumes); 1 for a mistake in the flags, the config, the data
-or the workdir, reported in one line on stderr (`-v 1` or DDLM_TRACEBACK=1 shows the traceback).
+saving a checkpoint (the same command resumes); 75 when another run holds the workdir (try again when
+it has ended); 1 for a mistake in the flags, the config, the data or the workdir, reported in one line
+on stderr (`-v 1` or DDLM_TRACEBACK=1 shows the traceback).
 """
 import json
 import os
@@ -34,6 +35,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
 from ddlm_jax import pipeline
 from ddlm_jax import sharding
@@ -69,6 +71,9 @@ TRACEBACK_ENV = "DDLM_TRACEBACK"
 # signal's number, as a shell reports a process the signal ended, so that a scheduler can tell a preempted run
 # from a finished one.
 STOPPED_EXIT_STATUS = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
+# Exit status when another run holds the workdir: sysexits' EX_TEMPFAIL (try again later), so that a scheduler
+# that started a run twice can tell this from a mistake in the settings.
+WORKDIR_IN_USE_EXIT_STATUS = 75
 # What a user's settings, data or workdir cause (the library's messages name the setting to change).
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
@@ -78,10 +83,11 @@ def _show_tracebacks() -> bool:
   return verbose or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
-def _exit_with(message: str, flags_parsed: bool = True) -> NoReturn:
-  """Exits with status 1 after one line on stderr (and how to see the traceback)."""
+def _exit_with(message: str, flags_parsed: bool = True, status: int = 1) -> NoReturn:
+  """Exits with `status` after one line on stderr (and how to see the traceback)."""
   switches = f"-v 1 or {TRACEBACK_ENV}=1" if flags_parsed else f"{TRACEBACK_ENV}=1"
-  sys.exit(f"error: {' '.join(message.split())}\n({switches} shows the traceback)")
+  print(f"error: {' '.join(message.split())}\n({switches} shows the traceback)", file=sys.stderr)
+  sys.exit(status)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -128,7 +134,8 @@ def main(argv):
   except USER_ERRORS as error:
     if _show_tracebacks():
       raise
-    _exit_with(f"{type(error).__name__}: {error}")
+    in_use = isinstance(error, checkpoint.WorkdirInUse)
+    _exit_with(f"{type(error).__name__}: {error}", status=WORKDIR_IN_USE_EXIT_STATUS if in_use else 1)
   except KeyboardInterrupt:
     summary = {"stopped": "SIGINT"}
   if "stopped" in summary:

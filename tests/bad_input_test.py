@@ -94,7 +94,8 @@ CASES = [
     ("missing data file", "empty", train_on_file(None), ValueError,
      r"text file .*corpus.txt does not exist or is not a file"),
     ("one document", "empty", train_on_file(b"A single paragraph."), ValueError,
-     r"a train/validation split needs at least 2 documents, got 1"),
+     r".*corpus.txt: 1 document \(a paragraph ends at a blank line\); a train/validation split needs at least 2: "
+     r"add documents, or cut the text into chunks with unit='stream' \(config.data.unit\)"),
     # prompts
     ("prompt longer than the canvas", "trained", generate(["word " * 100], steps=4), ValueError,
      r"prompt 0 has 500 tokens but the canvas holds 320"),

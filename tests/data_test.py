@@ -114,8 +114,11 @@ def test_missing_file_and_single_document_fail_clearly(tmp_path):
   with pytest.raises(ValueError, match="missing.txt does not exist"):
     local_text.load_local_texts([str(tmp_path / "missing.txt")], str(tmp_path / "tfds"), "train")
   single = _write(tmp_path / "single.txt", "only one paragraph\nof two lines")
-  with pytest.raises(ValueError, match="needs at least 2 documents"):
+  with pytest.raises(ValueError, match=r"single.txt: 1 document \(a paragraph .* at least 2: .*unit='stream'"):
     local_text.load_local_texts([single], str(tmp_path / "tfds"), "train")
+  with pytest.raises(ValueError, match=r"line.txt: 1 document \(a line ends at a newline\)"):
+    local_text.load_local_texts([_write(tmp_path / "line.txt", "one line\n")], str(tmp_path / "tfds"), "train",
+                                unit="line")
   assert not (tmp_path / "tfds").exists()
 
 

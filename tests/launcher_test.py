@@ -76,6 +76,17 @@ def test_multi_process_without_a_coordinator_names_the_flags_and_writes_nothing(
   assert not workdir.exists()
 
 
+def test_a_second_run_on_a_workdir_in_use_exits_75_and_writes_nothing(tmp_path):
+  """A scheduler that started the same run twice sees EX_TEMPFAIL (try again later), not a bad setting."""
+  workdir = tmp_path / "run"
+  with checkpoint.workdir_lock(str(workdir)):
+    before = sorted(os.listdir(workdir))
+    result = run(f"--workdir={workdir}", *TINY_FLAGS)
+    assert sorted(os.listdir(workdir)) == before
+  assert result.returncode == 75, result.stderr
+  assert f"is in use by another run (pid {os.getpid()} on " in result.stderr and result.stderr.count("\n") <= 2
+
+
 def test_a_bad_config_fails_before_waiting_for_the_other_processes(tmp_path):
   """Process 1 of two whose coordinator never comes: the config's mistake is reported at once."""
   result = run(f"--workdir={tmp_path / 'run'}", "--config.train.learning_rate=-1.0",
