@@ -3,11 +3,14 @@ kernel, as Colab would run it, and is stored with its outputs stripped and an "O
 Their long cells report progress: held-out evaluation and classifier training show a bar (whole
 lines when the output is not a terminal, as here)."""
 import glob
+import json
 import os
 import re
 import resource
 import sys
+import sysconfig
 import time
+import venv
 
 import jax
 import jupyter_client
@@ -25,6 +28,8 @@ from ddlm_jax.processes import gaussian
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
 NAMES = [os.path.splitext(os.path.basename(path))[0] for path in NOTEBOOKS]
+INSTALLED_AS_ON_COLAB = "quickstart"  # runs from a fresh install (test_installs_and_runs_as_on_colab); the rest from here
+PROJECT_GIT_URL = "git+https://github.com/ddlm-jax/ddlm_jax"
 COLAB_LINK = "https://colab.research.google.com/github/ddlm-jax/ddlm_jax/blob/main/colab/{name}.ipynb"
 SECONDS_PER_CELL = 300
 
@@ -68,17 +73,61 @@ def test_stored_stripped_with_a_colab_link(name):
   assert not any("/work/" in cell.source or "../shared" in cell.source for cell in notebook.cells)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [name for name in NAMES if name != INSTALLED_AS_ON_COLAB])
 def test_runs_end_to_end_on_tiny_settings(name, tmp_path, kernel_environment):
-  notebook = read(name)
-  client = nbclient.NotebookClient(notebook, timeout=SECONDS_PER_CELL, kernel_name="python3",
+  client = nbclient.NotebookClient(read(name), timeout=SECONDS_PER_CELL, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})
+  run_tiny(client, tmp_path, kernel_environment)
+
+
+def fresh_interpreter(directory) -> str:
+  """A Python like Colab's before the install cell: this venv's packages (no network here) and no
+  ddlm_jax. The venv's site directory is put on the path by a .pth file, so its own .pth files (this
+  checkout's editable install) are not run. Returns the directory of its Jupyter kernel spec."""
+  venv.create(directory, with_pip=False)
+  site_packages = glob.glob(os.path.join(directory, "lib", "python*", "site-packages"))[0]
+  with open(os.path.join(site_packages, "dependencies.pth"), "w") as f:
+    f.write(sysconfig.get_paths()["purelib"] + "\n")
+  kernels = os.path.join(directory, "kernels")
+  os.makedirs(os.path.join(kernels, "fresh"))
+  with open(os.path.join(kernels, "fresh", "kernel.json"), "w") as f:
+    json.dump({"argv": [os.path.join(directory, "bin", "python"), "-m", "ipykernel_launcher", "-f",
+                        "{connection_file}"], "display_name": "fresh", "language": "python"}, f)
+  return kernels
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, ".git")), reason="installs from this git checkout")
+def test_installs_and_runs_as_on_colab(tmp_path, kernel_environment):
+  """The quickstart as Colab runs it: its first cell finds no ddlm_jax and pip-installs it from git
+  (this checkout's HEAD commit instead of the project's home: no network here), then the notebook runs
+  from a folder outside any checkout with nothing of this one on the path."""
+  interpreter = tmp_path / "interpreter"
+  kernels = fresh_interpreter(str(interpreter))
+  notebook = read(INSTALLED_AS_ON_COLAB)
+  install = next(cell for cell in notebook.cells if cell.cell_type == "code")
+  install.source = install.source.replace(PROJECT_GIT_URL, f"git+file://localhost{ROOT}")
+  notebook.cells.append(nbformat.v4.new_code_cell("import ddlm_jax\nprint(ddlm_jax.__file__)"))
+  content = tmp_path / "content"
+  content.mkdir()
+  environment = {name: value for name, value in kernel_environment.items() if name not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  manager = jupyter_client.KernelManager(
+      kernel_name="fresh", kernel_spec_manager=jupyter_client.kernelspec.KernelSpecManager(kernel_dirs=[kernels]))
+  client = nbclient.NotebookClient(notebook, km=manager, timeout=SECONDS_PER_CELL,
+                                   resources={"metadata": {"path": str(content)}})
+  run_tiny(client, content, environment)
+  imported_from = notebook.cells[-1].outputs[0].text.strip()
+  assert imported_from.startswith(str(interpreter)) and imported_from.endswith("ddlm_jax/__init__.py"), imported_from
+
+
+def run_tiny(client: nbclient.NotebookClient, folder, environment: dict):
+  """Runs every cell of the client's notebook in `folder` (raising CellExecutionError, naming the cell,
+  on any error) and checks that it trained in its tiny workdirs."""
   started, cpu_started = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-  client.execute(env=kernel_environment)  # raises CellExecutionError, naming the cell, on any error
+  client.execute(env=environment, cleanup_kc=True)  # shut the kernel down, also one the client did not start
   cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-  print(f"{name}: {time.perf_counter() - started:.1f} s, of which the kernel's CPU "
+  print(f"{time.perf_counter() - started:.1f} s, of which the kernel's CPU "
         f"{cpu.ru_utime + cpu.ru_stime - cpu_started.ru_utime - cpu_started.ru_stime:.1f} s")
-  assert os.listdir(tmp_path / "ddlm_workdirs" / "tiny")
+  assert os.listdir(folder / "ddlm_workdirs" / "tiny")
 
 
 def finished_output(capsys) -> str:
