@@ -88,7 +88,7 @@ class CompileReport:
   sampler_steps: int
 
   def describe(self) -> str:
-    gib = lambda n: f"{n / GIB:.2f} GiB"
+    gib = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB / 100 else f"{n / 2 ** 20:.2f} MiB"
     return (f"{self.num_params:,} parameters on {self.num_devices} devices (mesh {self.mesh_shape}); per device: "
             f"parameters {gib(self.param_bytes)}, optimizer {gib(self.optimizer_bytes)}, EMA {gib(self.ema_bytes)}; "
             f"train step: temporaries {gib(self.train_step.temp_bytes)}, peak {gib(self.train_step.peak_bytes)}, "

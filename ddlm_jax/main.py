@@ -3,11 +3,14 @@
   python -m ddlm_jax.main --config=experiments/mdlm_tiny.py --workdir=/tmp/run
   python -m ddlm_jax.main --config=experiments/mdlm_tiny.py --workdir=/tmp/run --mode=sample --prompt="The Golden"
   python -m ddlm_jax.main --config=experiments/mdlm_tiny.py --mode=show_config --config.model.num_layers=4
+  python -m ddlm_jax.main --config=experiments/compare.py:mdlm,embedded,base --mode=compile_check
 
 Every key of the config can be set with --config.KEY=VALUE (e.g. --config.train.num_steps=500
 --config.data.source=text_files --config.data.paths="('my.txt',)"); --mode=show_config prints them
 all with their values and exits. A config file's `:variant` picks a variant
-(--config=experiments/mdlm_tiny.py:char).
+(--config=experiments/mdlm_tiny.py:char). --mode=compile_check compiles the train step and the sampler
+for the devices it runs on (all processes of a pod slice), without training, prints what one device
+needs, and fails if that is over --memory_gib (default: the memory the device reports).
 
 Each --prompt is continued config.sample.num_samples times (for a model trained on a pair task,
 each prompt is a source and gets that many targets); without --prompt, a language model samples
@@ -36,22 +39,28 @@ import jax
 from ml_collections import config_flags
 
 from ddlm_jax import checkpoint
+from ddlm_jax import compile_check
 from ddlm_jax import config as config_lib
 from ddlm_jax import pipeline
 from ddlm_jax import sharding
 from ddlm_jax import train
 from ddlm_jax.data import datasets
+from ddlm_jax.data import tokenizers
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/NAME.py[:variant]); set any of its keys with "
     "--config.KEY=VALUE, list them with --mode=show_config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer, data and logs "
                                "(required except for --mode=show_config).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "show_config"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "show_config", "compile_check"],
                           "train: train or resume, then evaluate (and sample, unless "
                           "config.train.sample_at_end is False); eval: held-out ELBO of "
                           "the latest checkpoint; sample: print samples from it; show_config: print "
-                          "every key of the config (after the --config.KEY=VALUE overrides) and exit.")
+                          "every key of the config (after the --config.KEY=VALUE overrides) and exit; "
+                          "compile_check: compile the train step and the sampler for these devices without "
+                          "training and report what one device needs.")
+_MEMORY_GIB = flags.DEFINE_float("memory_gib", None, "--mode=compile_check fails if a device needs more GiB than "
+                                  "this (default: the memory the device reports; none on a CPU).", lower_bound=0)
 _PROMPTS = flags.DEFINE_multi_string("prompt", None, "Prompt(s) (sources of a pair task) for --mode=sample; "
                                      "each is sampled config.sample.num_samples times.")
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
@@ -63,10 +72,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this
                                    "num_processes - 1 (default: $JAX_PROCESS_ID; detected on a pod).", lower_bound=0)
 flags.mark_flag_as_required("config")
 flags.register_multi_flags_validator(
-    ["workdir", "mode"], lambda values: values["workdir"] is not None or values["mode"] == "show_config",
-    "--workdir is required (except for --mode=show_config)")
+    ["workdir", "mode"], lambda values: values["workdir"] is not None or values["mode"] in WITHOUT_WORKDIR,
+    "--workdir is required (except for --mode=show_config and --mode=compile_check)")
 
 TRACEBACK_ENV = "DDLM_TRACEBACK"
+WITHOUT_WORKDIR = ("show_config", "compile_check")
 # Exit status of a run that training stopped early, by the reason `train_and_evaluate` returns: 128 + the
 # signal's number, as a shell reports a process the signal ended, so that a scheduler can tell a preempted run
 # from a finished one.
@@ -130,6 +140,9 @@ def main(argv):
     group = sharding.ProcessGroup.from_environment(coordinator_address=_COORDINATOR_ADDRESS.value,
                                                    num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     sharding.init_distributed(config.multi_process, group)
+    if _MODE.value == "compile_check":
+      check_compiled_size(config, _WORKDIR.value, _MEMORY_GIB.value)
+      return
     summary = run(config, _WORKDIR.value, _MODE.value, _PROMPTS.value)
   except USER_ERRORS as error:
     if _show_tracebacks():
@@ -143,6 +156,28 @@ def main(argv):
     print(f"training stopped {where}by {summary['stopped']}; the same command resumes from the workdir's latest "
           "checkpoint", file=sys.stderr)
     sys.exit(STOPPED_EXIT_STATUS[summary["stopped"]])
+
+
+def check_compiled_size(config, workdir: str | None, memory_gib: float | None) -> None:
+  """Prints what one device needs for the config's train step and sampler (`compile_check`), and
+  raises MemoryBudgetError over `memory_gib` (None: the first device's reported memory, if any). A
+  character tokenizer's vocabulary comes from the workdir's tokenizer (it is built from the texts)."""
+  tokenizer_dir = os.path.join(workdir, "tokenizer") if workdir else None
+  vocab_size = None
+  if config.data.tokenizer != "sentencepiece":
+    if not (tokenizer_dir and os.path.isdir(tokenizer_dir)):
+      raise ValueError(f"a {config.data.tokenizer!r} tokenizer's vocabulary is known only once it is built from the "
+                       "texts: give the --workdir of a run that built it, or check with "
+                       "--config.data.tokenizer=sentencepiece (its vocabulary is config.data.vocab_size)")
+    vocab_size = tokenizers.load_tokenizer(tokenizer_dir).vocab_size
+  report = compile_check.compile_report(config, vocab_size)
+  _print(report.describe())
+  if memory_gib is None:
+    reported = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    memory_gib = reported / compile_check.GIB if reported else None
+  if memory_gib is not None:
+    compile_check.check_budget(report, memory_gib)
+    _print(f"fits {memory_gib:.2f} GiB per device")
 
 
 def run(config, workdir: str, mode: str, prompts: list[str] | None) -> dict:

@@ -1,6 +1,7 @@
 """The launcher as a user or a scheduler meets it (`python -m ddlm_jax.main`): its help, the
 resolved config, the process flags, and exit statuses that tell a stopped run from a finished one."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -85,6 +86,16 @@ def test_a_second_run_on_a_workdir_in_use_exits_75_and_writes_nothing(tmp_path):
     assert sorted(os.listdir(workdir)) == before
   assert result.returncode == 75, result.stderr
   assert f"is in use by another run (pid {os.getpid()} on " in result.stderr and result.stderr.count("\n") <= 2
+
+
+def test_compile_check_reports_a_device_s_needs_and_refuses_a_budget_they_exceed(tmp_path):
+  """--mode=compile_check compiles without training (no workdir needed) and exits 1 over --memory_gib."""
+  result = run("--mode=compile_check", "--memory_gib=0.0001", "--config.data.tokenizer=sentencepiece",
+               "--config.sample.num_samples=8", *TINY_FLAGS)
+  assert result.returncode == 1, result.stderr
+  assert re.search(rf"parameters on {jax.device_count()} devices .*train step: temporaries .* peak .* FLOPs; sampler: .* FLOPs per step",
+                   result.stdout), result.stdout
+  assert "MemoryBudgetError: the train step needs" in result.stderr and "config.mesh.fsdp" in result.stderr
 
 
 def test_a_bad_config_fails_before_waiting_for_the_other_processes(tmp_path):
