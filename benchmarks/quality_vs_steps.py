@@ -35,31 +35,16 @@ def judge(model, texts, ar_model, reference_corpus) -> dict:
 
 
 def plot(rows: list[dict], path: str) -> None:
+  """`plots.quality_vs_steps` of the diffusion families, the AR model's own samples as the reference."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
-  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
-  metrics = [("generative_perplexity", "generative perplexity (AR judge)"),
-             ("unigram_entropy_bits", "unigram entropy (bits)"),
-             ("well_formed_fraction", "parsed by the generator")]
-  metrics = [(key, label) for key, label in metrics if any(key in row for row in rows)]
-  figure, axes = pyplot.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-  for axis, (key, label) in zip(axes[0], metrics):
-    for family in dict.fromkeys(row["family"] for row in rows):
-      points = [(row["steps"], row[key]) for row in rows if row["family"] == family and key in row]
-      if not points:
-        continue
-      if family == "ar":
-        axis.axhline(points[0][1], color="black", linestyle="--", label="ar (one token per step)")
-      else:
-        axis.plot(*zip(*points), marker="o", label=family)
-    axis.set_xscale("log", base=2)
-    if key == "generative_perplexity":
-      axis.set_yscale("log")
-    axis.set_xlabel("sampling steps")
-    axis.set_title(label)
-  axes[0][0].legend()
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  from ddlm_jax import plots  # pylint: disable=g-import-not-at-top
+  points = {}
+  for row in rows:
+    if row["family"] != "ar":
+      points.setdefault(row["family"], {})[row["steps"]] = row
+  reference = next((row for row in rows if row["family"] == "ar"), None)
+  plots.quality_vs_steps(points, reference=reference, reference_label="ar (one token per step)").savefig(path, dpi=120)
 
 
 def main(argv):

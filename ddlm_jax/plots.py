@@ -220,13 +220,15 @@ QUALITY_PANELS = (("generative_perplexity", "generative perplexity (AR judge)"),
                   ("well_formed_fraction", "share parsed by the generator"))
 
 
-def quality_vs_steps(points: Mapping[str, Mapping[int, Any]], *, reference: Any = None):
+def quality_vs_steps(points: Mapping[str, Mapping[int, Any]], *, reference: Any = None,
+                     reference_label: str = "reference"):
   """Sample quality against sampling steps: one panel per measure of `evaluate.SampleQuality` that
   any point has (generative perplexity on a log scale), one line per model.
 
   Args:
     points: {model name: {steps: SampleQuality or its summary dict}}.
-    reference: a SampleQuality (e.g. the AR model's own samples), drawn as a dashed line.
+    reference: a SampleQuality (e.g. the AR model's own samples), drawn as a dashed line, labelled
+      `reference_label`.
   """
   summaries = {name: {steps: _summary(quality) for steps, quality in sorted(by_steps.items())}
                for name, by_steps in points.items()}
@@ -241,7 +243,7 @@ def quality_vs_steps(points: Mapping[str, Mapping[int, Any]], *, reference: Any 
       steps = [s for s in by_steps if by_steps[s].get(key) is not None]
       axis.plot(steps, [by_steps[s][key] for s in steps], marker="o", label=name)
     if reference is not None and reference.get(key) is not None:
-      axis.axhline(reference[key], color="black", linestyle="--", label="reference")
+      axis.axhline(reference[key], color="black", linestyle="--", label=reference_label)
     axis.set_xscale("log", base=2)
     if key == "generative_perplexity":
       axis.set_yscale("log")

@@ -130,6 +130,10 @@ def test_quality_vs_steps_draws_each_model_and_skips_missing_measures():
   np.testing.assert_allclose(perplexity_axis.lines[0].get_xydata(), [[4, 3000.0], [16, 900.0]])
   np.testing.assert_allclose(perplexity_axis.lines[1].get_xydata(), [[4, 5000.0]])
   assert perplexity_axis.lines[2].get_ydata()[0] == 4.0 and perplexity_axis.get_yscale() == "log"
+  assert [text.get_text() for text in perplexity_axis.get_legend().get_texts()] == ["MDLM", "UDLM", "reference"]
+  labelled = plots.quality_vs_steps({"MDLM": {4: quality(3000.0, 6.9)}}, reference=quality(4.0, 6.8),
+                                    reference_label="AR")
+  assert [text.get_text() for text in labelled.axes[0].get_legend().get_texts()] == ["MDLM", "AR"]
 
 
 def test_speed_quality_places_each_method():

@@ -241,6 +241,7 @@ class RestaurantCorpus:
     derivations = self._derivations(text)
     return derivations[0][0] if derivations else None
 
+  @functools.cache  # a walk of ~0.3 s; settings are frozen and hashable, so equal corpora share it
   def entropy_bits(self) -> float:
     """Exact entropy of the document distribution, in bits per document.
 
