@@ -1,6 +1,7 @@
 """Two processes on localhost, one CPU device each, talking through gloo over loopback: the same
-training as one process on the same global batch, each process reading its own half of it,
-checkpoints that move between one and two processes, and a SIGTERM to one process that stops both.
+training as one process on the same global batch (with the parameters split between the processes,
+FSDP), each process reading its own half of it, checkpoints that move between one and two processes,
+and a SIGTERM to one process that stops both.
 
 The module is also the worker that the tests start (`python tests/multiprocess_test.py ...`): it
 joins the processes the way the launcher does (`sharding.init_distributed`, here from the
@@ -107,12 +108,14 @@ def keep_only_step(workdir: str, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Workdirs and worker outputs of the 20-step run on one process and on two, started together."""
+  """Workdirs and worker outputs of the 20-step run on one process and on two, started together. The
+  two processes split the parameters and optimizer state between them (mesh.fsdp=2), so each saves and
+  restores only its own halves; the launcher's run below keeps them whole on each (data parallel)."""
   root = tmp_path_factory.mktemp("multiprocess")
   cache = str(root / "compilation_cache")
   one, two = str(root / "one"), str(root / "two")
   processes = (start_workers(1, one, one + "_out", cache)
-               + start_workers(2, two, two + "_out", cache, **{"train.sample_at_end": True}))
+               + start_workers(2, two, two + "_out", cache, **{"train.sample_at_end": True, "mesh.fsdp": 2}))
   results = finish(processes)
   check_ok(results)
   return dict(root=root, cache=cache, one=one, two=two, results=results,
@@ -123,6 +126,7 @@ def test_two_processes_train_as_one_on_the_same_global_batch(runs):
   single, (first, second) = runs["one_process"], runs["two_processes"]
   assert single["process_count"] == 1 and first["process_count"] == second["process_count"] == 2
   assert single["local_devices"] == first["local_devices"] == second["local_devices"] == 1
+  assert single["params_held"] == 1 and first["params_held"] < 0.6 and second["params_held"] < 0.6  # fsdp=2
   assert len(first["losses"]) == 20
   assert first["losses"] == second["losses"]  # both see the one replicated loss of each step
   np.testing.assert_allclose(first["losses"], single["losses"], **TOLERANCE)
@@ -229,7 +233,7 @@ def _worker(workdir: str, out_dir: str, settings: str) -> None:
   for key, value in json.loads(settings).items():
     group, name = key.split(".")
     config[group][name] = value
-  losses, batches = [], []
+  losses, batches, held = [], [], []
 
   def recording_step(*args, **kwargs):
     step_fn = make_train_step(*args, **kwargs)
@@ -237,6 +241,8 @@ def _worker(workdir: str, out_dir: str, settings: str) -> None:
     def step(*step_args):
       state, metrics = step_fn(*step_args)
       losses.append(float(metrics["loss"]))
+      leaves = jax.tree.leaves(state.params)  # the share of the parameters this process holds
+      held.append(sum(leaf.addressable_shards[0].data.size for leaf in leaves) / sum(leaf.size for leaf in leaves))
       return state, metrics
     return step
 
@@ -263,7 +269,7 @@ def _worker(workdir: str, out_dir: str, settings: str) -> None:
   np.save(os.path.join(out_dir, f"batch_{index}.npy"), batches[0])
   with open(os.path.join(out_dir, f"process_{index}.json"), "w") as f:
     json.dump({"losses": losses, "summary": summary, "process_count": jax.process_count(),
-               "local_devices": jax.local_device_count()}, f)
+               "local_devices": jax.local_device_count(), "params_held": max(held)}, f)
 
 
 if __name__ == "__main__":
