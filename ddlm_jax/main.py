@@ -51,7 +51,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/NAME.py[:variant]); set any of its keys with "
     "--config.KEY=VALUE, list them with --mode=show_config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer, data and logs "
-                               "(required except for --mode=show_config).")
+                               "(required except for --mode=show_config and --mode=compile_check).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "show_config", "compile_check"],
                           "train: train or resume, then evaluate (and sample, unless "
                           "config.train.sample_at_end is False); eval: held-out ELBO of "
