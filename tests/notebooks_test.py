@@ -41,9 +41,9 @@ def read(name: str) -> nbformat.NotebookNode:
 @pytest.fixture(scope="module")
 def kernel_environment(tmp_path_factory) -> dict[str, str]:
   """The kernels' environment: tiny settings, this checkout's ddlm_jax first on the path, one CPU
-  device (not the suite's eight fake ones: a notebook runs on whatever devices it finds), and one
-  JAX compilation cache for the module, so that a network the notebooks share (their tiny MDLM
-  and AR models are configured alike) compiles once."""
+  device (as on Colab's CPU runtime; a notebook runs on whatever devices it finds), and one JAX
+  compilation cache for the module, so that a network the notebooks share (their tiny MDLM and AR
+  models are configured alike) compiles once."""
   path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
   return {**os.environ, "DDLM_NOTEBOOK_TINY": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": path,
           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("compilation_cache")),
@@ -74,10 +74,13 @@ def test_stored_stripped_with_a_colab_link(name):
 
 
 @pytest.mark.parametrize("name", [name for name in NAMES if name != INSTALLED_AS_ON_COLAB])
-def test_runs_end_to_end_on_tiny_settings(name, tmp_path, kernel_environment):
-  client = nbclient.NotebookClient(read(name), timeout=SECONDS_PER_CELL, kernel_name="python3",
+def test_runs_end_to_end_on_tiny_settings_on_eight_devices(name, tmp_path, kernel_environment):
+  """On eight devices, as a Colab TPU runtime has (its batches and samples split over them)."""
+  notebook = read(name)
+  notebook.cells.append(nbformat.v4.new_code_cell("import jax\nassert jax.device_count() == 8, jax.devices()"))
+  client = nbclient.NotebookClient(notebook, timeout=SECONDS_PER_CELL, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})
-  run_tiny(client, tmp_path, kernel_environment)
+  run_tiny(client, tmp_path, {**kernel_environment, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
 
 
 def fresh_interpreter(directory) -> str:
