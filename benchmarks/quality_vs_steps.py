@@ -36,8 +36,6 @@ def judge(model, texts, ar_model, reference_corpus) -> dict:
 
 def plot(rows: list[dict], path: str) -> None:
   """`plots.quality_vs_steps` of the diffusion families, the AR model's own samples as the reference."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
   from ddlm_jax import plots  # pylint: disable=g-import-not-at-top
   points = {}
   for row in rows:

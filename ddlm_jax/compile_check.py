@@ -39,6 +39,11 @@ from ddlm_jax.networks import transformer
 GIB = 2 ** 30
 
 
+def _size(num_bytes: float) -> str:
+  """Bytes in GiB, or in MiB below a hundredth of one."""
+  return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 100 else f"{num_bytes / 2 ** 20:.2f} MiB"
+
+
 class MemoryBudgetError(ValueError):
   """A config needs more memory per device than its stated budget."""
 
@@ -88,12 +93,12 @@ class CompileReport:
   sampler_steps: int
 
   def describe(self) -> str:
-    gib = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB / 100 else f"{n / 2 ** 20:.2f} MiB"
     return (f"{self.num_params:,} parameters on {self.num_devices} devices (mesh {self.mesh_shape}); per device: "
-            f"parameters {gib(self.param_bytes)}, optimizer {gib(self.optimizer_bytes)}, EMA {gib(self.ema_bytes)}; "
-            f"train step: temporaries {gib(self.train_step.temp_bytes)}, peak {gib(self.train_step.peak_bytes)}, "
-            f"{self.train_step.flops:.3g} FLOPs; sampler: temporaries {gib(self.sampler.temp_bytes)}, peak "
-            f"{gib(self.sampler.peak_bytes)}, {self.sampler.flops:.3g} FLOPs per step of {self.sampler_steps}")
+            f"parameters {_size(self.param_bytes)}, optimizer {_size(self.optimizer_bytes)}, EMA "
+            f"{_size(self.ema_bytes)}; train step: temporaries {_size(self.train_step.temp_bytes)}, peak "
+            f"{_size(self.train_step.peak_bytes)}, {self.train_step.flops:.3g} FLOPs; sampler: temporaries "
+            f"{_size(self.sampler.temp_bytes)}, peak {_size(self.sampler.peak_bytes)}, {self.sampler.flops:.3g} FLOPs "
+            f"per step of {self.sampler_steps}")
 
 
 def compiled_cost(compiled: jax.stages.Compiled) -> CompiledCost:
@@ -182,9 +187,9 @@ def check_budget(report: CompileReport, memory_budget_gib: float) -> None:
   for name, cost in (("train step", report.train_step), ("sampler", report.sampler)):
     if cost.peak_bytes > budget:
       raise MemoryBudgetError(
-          f"the {name} needs {cost.peak_bytes / GIB:.2f} GiB per device, over the budget of {memory_budget_gib} GiB "
-          f"(parameters {report.param_bytes / GIB:.2f}, optimizer {report.optimizer_bytes / GIB:.2f}, EMA "
-          f"{report.ema_bytes / GIB:.2f}, temporaries {cost.temp_bytes / GIB:.2f} GiB; mesh {report.mesh_shape}): "
+          f"the {name} needs {_size(cost.peak_bytes)} per device, over the budget of {memory_budget_gib} GiB "
+          f"(parameters {_size(report.param_bytes)}, optimizer {_size(report.optimizer_bytes)}, EMA "
+          f"{_size(report.ema_bytes)}, temporaries {_size(cost.temp_bytes)}; mesh {report.mesh_shape}): "
           "shard the parameters over more devices (config.mesh.fsdp), lower config.train.batch_size or "
           "config.sample.num_samples, or recompute activations (config.model.remat=True)")
 

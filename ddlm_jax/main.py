@@ -70,13 +70,13 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs
                                       "(default: $JAX_NUM_PROCESSES; detected on a pod).", lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 to "
                                    "num_processes - 1 (default: $JAX_PROCESS_ID; detected on a pod).", lower_bound=0)
+WITHOUT_WORKDIR = ("show_config", "compile_check")
 flags.mark_flag_as_required("config")
 flags.register_multi_flags_validator(
     ["workdir", "mode"], lambda values: values["workdir"] is not None or values["mode"] in WITHOUT_WORKDIR,
     "--workdir is required (except for --mode=show_config and --mode=compile_check)")
 
 TRACEBACK_ENV = "DDLM_TRACEBACK"
-WITHOUT_WORKDIR = ("show_config", "compile_check")
 # Exit status of a run that training stopped early, by the reason `train_and_evaluate` returns: 128 + the
 # signal's number, as a shell reports a process the signal ended, so that a scheduler can tell a preempted run
 # from a finished one.
@@ -173,7 +173,7 @@ def check_compiled_size(config, workdir: str | None, memory_gib: float | None) -
   report = compile_check.compile_report(config, vocab_size)
   _print(report.describe())
   if memory_gib is None:
-    reported = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    reported = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")  # another process's: no stats
     memory_gib = reported / compile_check.GIB if reported else None
   if memory_gib is not None:
     compile_check.check_budget(report, memory_gib)

@@ -163,7 +163,8 @@ def training_curves(logdir: str, tags: Sequence[str] | None = None):
 # Likelihood and sample quality.
 
 def _summary(result: Any) -> Mapping[str, Any]:
-  """An `evaluate.ElboResult`'s summary, or a summary dict (train_and_evaluate returns one)."""
+  """The summary dict of an `evaluate.ElboResult` or `evaluate.SampleQuality`, or a summary dict itself
+  (train_and_evaluate returns one)."""
   return result.summary() if hasattr(result, "summary") else result
 
 
@@ -227,8 +228,8 @@ def quality_vs_steps(points: Mapping[str, Mapping[int, Any]], *, reference: Any 
 
   Args:
     points: {model name: {steps: SampleQuality or its summary dict}}.
-    reference: a SampleQuality (e.g. the AR model's own samples), drawn as a dashed line, labelled
-      `reference_label`.
+    reference: a SampleQuality or its summary dict (e.g. the AR model's own samples), drawn as a
+      dashed line labelled `reference_label`.
   """
   summaries = {name: {steps: _summary(quality) for steps, quality in sorted(by_steps.items())}
                for name, by_steps in points.items()}

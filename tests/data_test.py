@@ -119,6 +119,10 @@ def test_missing_file_and_single_document_fail_clearly(tmp_path):
   with pytest.raises(ValueError, match=r"line.txt: 1 document \(a line ends at a newline\)"):
     local_text.load_local_texts([_write(tmp_path / "line.txt", "one line\n")], str(tmp_path / "tfds"), "train",
                                 unit="line")
+  for unit in ("paragraph", "line", "stream"):  # refused before TFDS writes anything
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \(0, 1\), got 1.0"):
+      local_text.load_local_texts([_write(tmp_path / "two.txt", "one\n\ntwo\n")], str(tmp_path / "tfds"), "train",
+                                  unit=unit, validation_fraction=1.0)
   assert not (tmp_path / "tfds").exists()
 
 

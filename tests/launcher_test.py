@@ -14,6 +14,7 @@ import pytest
 from ddlm_jax import checkpoint
 from ddlm_jax import config as config_lib
 from ddlm_jax import sharding
+from ddlm_jax.data import tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--config.data.num_train_docs=200", "--config.data.num_eval_docs=16", "--config.data.packing=pack",
@@ -96,6 +97,21 @@ def test_compile_check_reports_a_device_s_needs_and_refuses_a_budget_they_exceed
   assert re.search(rf"parameters on {jax.device_count()} devices .*train step: temporaries .* peak .* FLOPs; sampler: .* FLOPs per step",
                    result.stdout), result.stdout
   assert "MemoryBudgetError: the train step needs" in result.stderr and "config.mesh.fsdp" in result.stderr
+
+
+def test_compile_check_of_a_char_model_reads_the_workdir_s_tokenizer(tmp_path, capsys):
+  from ddlm_jax import main  # pylint: disable=g-import-not-at-top
+  from experiments import mdlm_tiny  # pylint: disable=g-import-not-at-top
+  config = mdlm_tiny.get_config("char")
+  config.data.update(seq_len=32)
+  config.model.update(num_layers=1, embed_dim=16, mlp_dim=32)
+  config.sample.update(num_samples=8)
+  with pytest.raises(ValueError, match=r"'char' tokenizer's vocabulary is known only once it is built .* --workdir"):
+    main.check_compiled_size(config, str(tmp_path), memory_gib=None)
+  tokenizers.CharTokenizer.train(["abc"]).save(str(tmp_path / "tokenizer"))
+  main.check_compiled_size(config, str(tmp_path), memory_gib=1000.0)
+  printed = capsys.readouterr().out
+  assert f"parameters on {jax.device_count()} devices" in printed and "fits 1000.00 GiB per device" in printed
 
 
 def test_a_bad_config_fails_before_waiting_for_the_other_processes(tmp_path):

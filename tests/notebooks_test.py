@@ -41,7 +41,7 @@ def read(name: str) -> nbformat.NotebookNode:
 @pytest.fixture(scope="module")
 def kernel_environment(tmp_path_factory) -> dict[str, str]:
   """The kernels' environment: tiny settings, this checkout's ddlm_jax first on the path, one CPU
-  device (as on Colab's CPU runtime; a notebook runs on whatever devices it finds), and one JAX
+  device (as on Colab's CPU runtime; the tests on eight devices set XLA_FLAGS), and one JAX
   compilation cache for the module, so that a network the notebooks share (their tiny MDLM and AR
   models are configured alike) compiles once."""
   path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
@@ -75,12 +75,12 @@ def test_stored_stripped_with_a_colab_link(name):
 
 @pytest.mark.parametrize("name", [name for name in NAMES if name != INSTALLED_AS_ON_COLAB])
 def test_runs_end_to_end_on_tiny_settings_on_eight_devices(name, tmp_path, kernel_environment):
-  """On eight devices, as a Colab TPU runtime has (its batches and samples split over them)."""
+  """On eight devices, as a Colab TPU v2-8 runtime has (its batches and samples split over them)."""
   notebook = read(name)
   notebook.cells.append(nbformat.v4.new_code_cell("import jax\nassert jax.device_count() == 8, jax.devices()"))
   client = nbclient.NotebookClient(notebook, timeout=SECONDS_PER_CELL, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})
-  run_tiny(client, tmp_path, {**kernel_environment, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  run_tiny(name, client, tmp_path, {**kernel_environment, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
 
 
 def fresh_interpreter(directory) -> str:
@@ -99,15 +99,18 @@ def fresh_interpreter(directory) -> str:
   return kernels
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, ".git")), reason="installs from this git checkout")
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, ".git")), reason="installs from this git checkout")
 def test_installs_and_runs_as_on_colab(tmp_path, kernel_environment):
   """The quickstart as Colab runs it: its first cell finds no ddlm_jax and pip-installs it from git
-  (this checkout's HEAD commit instead of the project's home: no network here), then the notebook runs
-  from a folder outside any checkout with nothing of this one on the path."""
+  (this checkout's HEAD commit instead of the project's home: no network here; uncommitted changes to
+  the library are not in it), then the notebook runs from a folder outside any checkout with nothing
+  of this one on the path. pip builds the package in isolation, as on Colab, so it needs the index
+  that `make install` uses (for setuptools)."""
   interpreter = tmp_path / "interpreter"
   kernels = fresh_interpreter(str(interpreter))
   notebook = read(INSTALLED_AS_ON_COLAB)
   install = next(cell for cell in notebook.cells if cell.cell_type == "code")
+  assert PROJECT_GIT_URL in install.source
   install.source = install.source.replace(PROJECT_GIT_URL, f"git+file://localhost{ROOT}")
   notebook.cells.append(nbformat.v4.new_code_cell("import ddlm_jax\nprint(ddlm_jax.__file__)"))
   content = tmp_path / "content"
@@ -117,18 +120,18 @@ def test_installs_and_runs_as_on_colab(tmp_path, kernel_environment):
       kernel_name="fresh", kernel_spec_manager=jupyter_client.kernelspec.KernelSpecManager(kernel_dirs=[kernels]))
   client = nbclient.NotebookClient(notebook, km=manager, timeout=SECONDS_PER_CELL,
                                    resources={"metadata": {"path": str(content)}})
-  run_tiny(client, content, environment)
+  run_tiny(INSTALLED_AS_ON_COLAB, client, content, environment)
   imported_from = notebook.cells[-1].outputs[0].text.strip()
   assert imported_from.startswith(str(interpreter)) and imported_from.endswith("ddlm_jax/__init__.py"), imported_from
 
 
-def run_tiny(client: nbclient.NotebookClient, folder, environment: dict):
+def run_tiny(name: str, client: nbclient.NotebookClient, folder, environment: dict):
   """Runs every cell of the client's notebook in `folder` (raising CellExecutionError, naming the cell,
   on any error) and checks that it trained in its tiny workdirs."""
   started, cpu_started = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
   client.execute(env=environment, cleanup_kc=True)  # shut the kernel down, also one the client did not start
   cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-  print(f"{time.perf_counter() - started:.1f} s, of which the kernel's CPU "
+  print(f"{name}: {time.perf_counter() - started:.1f} s, of which the kernel's CPU "
         f"{cpu.ru_utime + cpu.ru_stime - cpu_started.ru_utime - cpu_started.ru_stime:.1f} s")
   assert os.listdir(folder / "ddlm_workdirs" / "tiny")
 

@@ -142,9 +142,10 @@ def make_config(paths: Sequence[str], *, unit: str = "paragraph",
     documents = read_documents(paths, unit)
     if len(documents) < 2:
       raise ValueError(
-          f"{', '.join(paths)}: {len(documents)} document (a {unit} ends at "
+          f"{', '.join(map(str, paths))}: {len(documents)} document (a {unit} ends at "
           f"{'a newline' if unit == 'line' else 'a blank line'}); a train/validation split needs at least 2: "
           "add documents, or cut the text into chunks with unit='stream' (config.data.unit)")
+    num_validation_documents(len(documents), validation_fraction)
     for document in documents:
       digest.update(document.encode())
       digest.update(b"\0")  # Documents hold no NUL, so this separates them unambiguously.
